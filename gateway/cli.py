@@ -1,0 +1,107 @@
+"""Command line: ``gateway index`` and ``gateway serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+from gateway import __version__
+from gateway.config import Config, load_config
+from gateway.errors import GatewayError
+from gateway.registry.store import SourceStats
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="DICOMweb federation gateway")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    index = commands.add_parser("index", help="harvest every configured source into the registry")
+    index.add_argument("--config", help="TOML configuration file (default: embedded demo)")
+    index.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="processes parsing headers (default: one per core)")
+    serve = commands.add_parser("serve", help="serve DICOMweb at /dicom-web, harvesting in the background")
+    serve.add_argument("--config", help="TOML configuration file (default: embedded demo)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--no-harvest", action="store_true", help="serve the index as it is")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+        if args.command == "index":
+            return _index(config, args.workers)
+        return _serve(config, args.host, args.port, not args.no_harvest)
+    except GatewayError as exc:
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _index(config: Config, workers: int) -> int:
+    from tqdm import tqdm
+
+    from gateway.service import Gateway
+
+    gateway = Gateway(config)
+    _announce(config)
+    failed = False
+    executor = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for source in config.sources:
+            bar = tqdm(desc=f"{source.name}", unit=" files", file=sys.stderr,
+                       disable=None)  # None: no bar when stderr is not a terminal
+
+            def progress(stats: SourceStats, bar=bar) -> None:
+                bar.n = stats.seen
+                bar.set_postfix(indexed=stats.indexed, skipped=stats.skipped, failed=stats.failed,
+                                refresh=False)
+                bar.refresh()
+
+            try:
+                stats = gateway.harvest(source.name, progress, executor)
+            except GatewayError as exc:
+                bar.close()
+                print(f"{source.name}: harvest failed: {exc.message}", file=sys.stderr)
+                failed = True
+                continue
+            bar.close()
+            elapsed = (stats.finished or 0) - (stats.started or 0)
+            print(f"{source.name}: {stats.seen} files seen, {stats.indexed} indexed, "
+                  f"{stats.skipped} unchanged, {stats.failed} failed, {stats.removed} removed "
+                  f"in {elapsed:.1f} s; {stats.instances} instances held")
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    counts = gateway.registry.counts()
+    print(f"registry {config.registry_path}: {counts['patients']} patients, {counts['studies']} "
+          f"studies, {counts['series']} series, {counts['instances']} instances")
+    return 1 if failed else 0
+
+
+def _serve(config: Config, host: str | None, port: int | None, harvest: bool) -> int:
+    import uvicorn
+
+    from gateway.dicomweb.app import create_app
+    from gateway.service import Gateway
+
+    host = host or config.server.host
+    port = port if port is not None else config.server.port
+    _announce(config)
+    app = create_app(Gateway(config), harvest=harvest)
+    log.info("DICOMweb at http://%s:%d/dicom-web", host if ":" not in host else f"[{host}]", port)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    return 0
+
+
+def _announce(config: Config) -> None:
+    if config.embedded:
+        log.info("no --config given: running the embedded default (SQLite registry at %s, "
+                 "folder source %s)", config.registry_path, config.sources[0].path)
+    else:
+        log.info("configuration from %s; registry %s", config.origin, config.registry_path)

@@ -1,0 +1,187 @@
+"""Configuration: a TOML file, environment overrides, and the embedded default.
+
+File layout::
+
+    [server]
+    host = "127.0.0.1"
+    port = 8080
+
+    [registry]
+    url = "sqlite:///data/registry.db"   # relative paths are relative to the config file
+
+    [[sources]]
+    name = "archive"
+    kind = "filesystem"
+    path = "/mnt/pacs"
+    interval = 300                       # seconds between harvests while serving
+
+Environment overrides (they win over the file): GATEWAY_HOST, GATEWAY_PORT, GATEWAY_REGISTRY_URL,
+GATEWAY_DATA_DIR (where the embedded default keeps its SQLite file).
+
+Every problem is reported as one ``ConfigError`` line naming the key, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+
+__all__ = ["Config", "ServerConfig", "SourceConfig", "load_config", "default_config"]
+
+SOURCE_KINDS = ("filesystem",)
+_DEFAULT_INTERVAL = 300.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    kind: str
+    path: Path
+    interval: float = _DEFAULT_INTERVAL
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    registry_url: str
+    sources: tuple[SourceConfig, ...]
+    embedded: bool = False
+    origin: str = "embedded default"
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def registry_path(self) -> Path:
+        return Path(self.registry_url.removeprefix("sqlite:///"))
+
+
+def _fixtures_dir() -> Path:
+    # The bundled fixtures live beside the package in a source checkout.
+    here = Path(__file__).resolve().parent.parent / "fixtures" / "dicom"
+    return here if here.is_dir() else Path.cwd() / "fixtures" / "dicom"
+
+
+def default_config(env: dict[str, str] | None = None) -> Config:
+    """The embedded default: SQLite in a data directory, the bundled fixtures, loopback only."""
+    env = dict(os.environ if env is None else env)
+    data_dir = Path(env.get("GATEWAY_DATA_DIR", "data")).resolve()
+    raw: dict[str, Any] = {
+        "registry": {"url": f"sqlite:///{data_dir / 'registry.db'}"},
+        "sources": [{"name": "fixtures", "kind": "filesystem", "path": str(_fixtures_dir())}],
+    }
+    config = _build(raw, base=Path.cwd(), env=env, origin="embedded default")
+    return Config(config.server, config.registry_url, config.sources, embedded=True,
+                  origin=config.origin)
+
+
+def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
+    if path is None:
+        return default_config(env)
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from exc
+    return _build(raw, base=path.resolve().parent, env=dict(os.environ if env is None else env),
+                  origin=str(path))
+
+
+def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) -> Config:
+    known = {"server", "registry", "sources"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown section (expected one of {', '.join(sorted(known))})")
+    server_raw = _table(raw, "server")
+    _only(server_raw, "server", {"host", "port"})
+    host = env.get("GATEWAY_HOST") or _typed(server_raw, "server.host", str, "127.0.0.1")
+    port_value: Any = env.get("GATEWAY_PORT") or _typed(server_raw, "server.port", int, 8080)
+    try:
+        port = int(port_value)
+    except ValueError:
+        raise ConfigError(f"server.port: {port_value!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"server.port: {port} is outside 0-65535")
+
+    registry_raw = _table(raw, "registry")
+    _only(registry_raw, "registry", {"url"})
+    url = env.get("GATEWAY_REGISTRY_URL") or _typed(registry_raw, "registry.url", str, None)
+    if url is None:
+        raise ConfigError("registry.url: missing (for example sqlite:///data/registry.db)")
+    if not url.startswith("sqlite:///"):
+        raise ConfigError(f"registry.url: {url!r} is not supported (only sqlite:///PATH for now)")
+    db_path = Path(url.removeprefix("sqlite:///"))
+    if not db_path.is_absolute():
+        db_path = base / db_path
+    url = f"sqlite:///{db_path}"
+
+    sources_raw = raw.get("sources", [])
+    if not isinstance(sources_raw, list):
+        raise ConfigError("sources: must be an array of tables ([[sources]])")
+    sources: list[SourceConfig] = []
+    for index, item in enumerate(sources_raw):
+        sources.append(_source(item, f"sources[{index}]", base))
+    names = [s.name for s in sources]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"sources: the name {name!r} is used twice")
+    return Config(ServerConfig(host, port), url, tuple(sources), origin=origin)
+
+
+def _source(item: Any, where: str, base: Path) -> SourceConfig:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _only(item, where, {"name", "kind", "path", "interval"})
+    name = _typed(item, f"{where}.name", str, None)
+    if not name:
+        raise ConfigError(f"{where}.name: missing")
+    kind = _typed(item, f"{where}.kind", str, None)
+    if kind not in SOURCE_KINDS:
+        raise ConfigError(f"{where}.kind: {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+    path_value = _typed(item, f"{where}.path", str, None)
+    if not path_value:
+        raise ConfigError(f"{where}.path: missing (the folder to index)")
+    path = Path(path_value)
+    if not path.is_absolute():
+        path = base / path
+    interval = _typed(item, f"{where}.interval", (int, float), _DEFAULT_INTERVAL)
+    if interval <= 0:
+        raise ConfigError(f"{where}.interval: must be a positive number of seconds")
+    return SourceConfig(name=name, kind=kind, path=path, interval=float(interval))
+
+
+def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table ([{key}])")
+    return value
+
+
+def _only(table: dict[str, Any], where: str, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: unknown key (expected one of {', '.join(sorted(allowed))})")
+
+
+def _typed(table: dict[str, Any], key: str, kind: Any, default: Any) -> Any:
+    name = key.rsplit(".", 1)[-1]
+    if name not in table:
+        return default
+    value = table[name]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else "number"
+        raise ConfigError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
+    return value

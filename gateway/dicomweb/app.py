@@ -1,0 +1,120 @@
+"""The HTTP application: DICOMweb under ``/dicom-web``, one error handler, harvest in the background."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from gateway import __version__
+from gateway.dicomweb.retrieve import retrieve_bulk, retrieve_frames, retrieve_instances, retrieve_metadata
+from gateway.dicomweb.search import search
+from gateway.errors import GatewayError
+from gateway.service import Gateway
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("gateway.http")
+PREFIX = "/dicom-web"
+
+
+def create_app(gateway: Gateway, harvest: bool = False) -> Starlette:
+    """``harvest=True`` runs each source's harvest schedule while the app is up."""
+
+    def base_url(request: Request) -> str:
+        return str(request.base_url).rstrip("/") + PREFIX
+
+    def scope_of(request: Request) -> dict[str, str]:
+        params = request.path_params
+        out = {"StudyInstanceUID": params["study"]}
+        if "series" in params:
+            out["SeriesInstanceUID"] = params["series"]
+        if "instance" in params:
+            out["SOPInstanceUID"] = params["instance"]
+        return out
+
+    def qido(level: str):
+        async def endpoint(request: Request) -> Response:
+            scope = scope_of(request) if "study" in request.path_params else {}
+            return await search(request, gateway.registry, level, scope, base_url(request))
+        return endpoint
+
+    async def instances(request: Request) -> Response:
+        return await retrieve_instances(request, gateway, scope_of(request), base_url(request))
+
+    async def metadata(request: Request) -> Response:
+        return await retrieve_metadata(request, gateway, scope_of(request), base_url(request))
+
+    async def frames(request: Request) -> Response:
+        return await retrieve_frames(request, gateway, scope_of(request), request.path_params["frames"])
+
+    async def bulk(request: Request) -> Response:
+        return await retrieve_bulk(request, gateway, scope_of(request), request.path_params["tag_path"])
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse(f"ok {__version__}\n")
+
+    study = "/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{instance}"
+    routes = [
+        Route("/studies", qido("study")),
+        Route("/series", qido("series")),
+        Route("/instances", qido("instance")),
+        Route(study + "/series", qido("series")),
+        Route(study + "/instances", qido("instance")),
+        Route(series + "/instances", qido("instance")),
+        Route(study, instances),
+        Route(series, instances),
+        Route(instance, instances),
+        Route(study + "/metadata", metadata),
+        Route(series + "/metadata", metadata),
+        Route(instance + "/metadata", metadata),
+        Route(instance + "/frames/{frames}", frames),
+        Route(instance + "/bulk/{tag_path:path}", bulk),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as group:
+            if harvest:
+                for source_config in gateway.config.sources:
+                    group.start_soon(gateway.harvest_forever, source_config)
+            yield
+            group.cancel_scope.cancel()
+        await gateway.aclose()
+
+    async def gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        if exc.status >= 500:
+            log.error("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        else:
+            log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return PlainTextResponse(exc.message + "\n", status_code=exc.status)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        detail = exc.detail
+        if exc.status_code == 404:
+            detail = f"no DICOMweb resource at {request.url.path}"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not supported on {request.url.path} (read-only gateway)"
+        return PlainTextResponse(f"{detail}\n", status_code=exc.status_code, headers=exc.headers)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return PlainTextResponse(f"internal error: {type(exc).__name__}\n", status_code=500)
+
+    return Starlette(
+        routes=[Route("/health", health), Mount(PREFIX, routes=routes)],
+        lifespan=lifespan,
+        exception_handlers={GatewayError: gateway_error, HTTPException: http_error,
+                            Exception: unexpected},
+    )

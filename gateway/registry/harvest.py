@@ -1,0 +1,115 @@
+"""Harvest: bring the registry in line with what a source holds.
+
+Incremental: an entry whose size and modification time are unchanged is skipped; new and changed
+entries are read (header only); entries gone from the source are dropped. Unreadable or non-DICOM
+files are counted, logged and remembered (so they are not re-read until they change), never fatal.
+If the source cannot be listed at all (an unmounted folder, say), nothing is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from gateway.errors import DicomFileError, GatewayError
+from gateway.registry.record import InstanceRecord, build_record
+from gateway.registry.store import Registry, SourceStats
+from gateway.stream.dicomfile import PixelInfo
+from gateway.stream.source import Entry, Source
+
+__all__ = ["harvest", "parse_entry"]
+
+log = logging.getLogger("gateway.harvest")
+_BATCH = 256
+
+Parsed = tuple[Entry, InstanceRecord | None, PixelInfo | None, str | None]
+
+
+def parse_entry(source: Source, entry: Entry) -> Parsed:
+    """Header and record of one entry, or the reason it cannot be indexed (runs in any worker)."""
+    try:
+        ds, pixel = source.read_header(entry)
+        return entry, build_record(ds, pixel), pixel, None
+    except DicomFileError as exc:
+        return entry, None, None, exc.message
+
+
+def _parse_batch(source: Source, entries: list[Entry]) -> list[Parsed]:
+    return [parse_entry(source, entry) for entry in entries]
+
+
+def harvest(
+    registry: Registry,
+    source: Source,
+    progress: Callable[[SourceStats], None] | None = None,
+    executor: Executor | None = None,
+) -> SourceStats:
+    """Harvest ``source`` into ``registry``; ``executor`` (a process pool) parses in parallel."""
+    stats = SourceStats(source.name, started=time.time())
+    known = registry.file_states(source.name)
+    seen: set[str] = set()
+    pending: list[Entry] = []
+    futures = []
+
+    def store(parsed: list[Parsed]) -> None:
+        with registry.transaction() as conn:
+            for entry, record, pixel, reason in parsed:
+                if record is None:
+                    stats.failed += 1
+                    log.warning("source %s: %s not indexed: %s", source.name, entry.path, reason)
+                    registry.put_reject(conn, source.name, entry.path, entry.size, entry.mtime_ns,
+                                        reason or "unreadable")
+                else:
+                    stats.indexed += 1
+                    registry.put_instance(conn, source.name, entry.path, entry.size, entry.mtime_ns,
+                                          record, pixel)
+        if progress:
+            progress(stats)
+
+    def dispatch(batch: list[Entry]) -> None:
+        if executor is None:
+            store(_parse_batch(source, batch))
+            return
+        futures.append(executor.submit(_parse_batch, source, batch))
+        while len(futures) > 4 or (futures and futures[0].done()):
+            store(futures.pop(0).result())
+
+    try:
+        for entry in source.scan():
+            stats.seen += 1
+            seen.add(entry.path)
+            old = known.get(entry.path)
+            if old is not None and old.size == entry.size and old.mtime_ns == entry.mtime_ns:
+                stats.skipped += 1
+                continue
+            pending.append(entry)
+            if len(pending) >= _BATCH:
+                dispatch(pending)
+                pending = []
+            elif progress and stats.seen % _BATCH == 0:
+                progress(stats)
+    except GatewayError as exc:
+        for future in futures:
+            future.cancel()
+        log.error("source %s: harvest stopped, nothing removed: %s", source.name, exc.message)
+        raise
+    if pending:
+        dispatch(pending)
+    for future in futures:
+        store(future.result())
+    gone = [path for path in known if path not in seen]
+    if gone:
+        with registry.transaction() as conn:
+            for path in gone:
+                registry.remove_path(conn, source.name, path)
+        stats.removed = len(gone)
+    stats.finished = time.time()
+    registry.record_run(stats)
+    if progress:
+        progress(stats)
+    log.info("source %s: seen %d, indexed %d, skipped %d, failed %d, removed %d in %.1f s",
+             source.name, stats.seen, stats.indexed, stats.skipped, stats.failed, stats.removed,
+             stats.finished - stats.started)
+    return stats

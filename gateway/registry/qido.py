@@ -1,0 +1,279 @@
+"""QIDO-RS queries: parse the query string into a ``Query`` (pure), compile it to SQL (pure).
+
+Matching follows PS3.18 8.3.4 and PS3.4 C.2.2.2: single value, wildcards ``*`` and ``?``, UID lists,
+DA/TM ranges, universal (empty) matching; person names match case- and accent-insensitively, and with
+``fuzzymatching=true`` each word of the query matches the start of a name component. Every value is
+a bound parameter; column names come only from the attribute catalogue.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import QueryError
+from gateway.registry.attributes import COMPUTED, DEFAULTS, MATCHING, PATIENT, SERIES, STUDY, vr_of, resolve_attribute
+from gateway.registry.record import fold_text, normalize_time
+
+__all__ = ["Match", "Query", "parse_qido", "compile_query", "MAX_RESULTS"]
+
+MAX_RESULTS = 1000  # a larger page is cut, with a Warning header (PS3.18 8.3.4.4)
+_CONTROL = {"limit", "offset", "fuzzymatching", "includefield"}
+_WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}  # PS3.4 C.2.2.2.4
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DATE = re.compile(r"^[0-9]{8}$")
+_TIME = re.compile(r"^[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?$")
+
+
+@dataclass(frozen=True)
+class Match:
+    keyword: str
+    kind: str  # "single" | "wildcard" | "list" | "range" | "universal"
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Query:
+    level: str  # "study" | "series" | "instance"
+    matches: tuple[Match, ...] = ()
+    includefields: tuple[str, ...] = ()
+    include_all: bool = False
+    fuzzy: bool = False
+    limit: int | None = None
+    offset: int = 0
+    scope: dict[str, str] = field(default_factory=dict)  # UIDs from the path
+
+    @property
+    def returned(self) -> tuple[str, ...]:
+        """The attributes each result carries: defaults, matched keys, then includefields."""
+        out = list(DEFAULTS[self.level])
+        if self.level != "study" and "StudyInstanceUID" not in self.scope:
+            out += [k for k in DEFAULTS["study"] if k not in out]  # PS3.18 10.6.3.3.2
+        if self.level == "instance" and "SeriesInstanceUID" not in self.scope:
+            out += [k for k in DEFAULTS["series"] if k not in out]
+        for keyword in [m.keyword for m in self.matches] + list(self.includefields):
+            if keyword not in out:
+                out.append(keyword)
+        return tuple(out)
+
+
+def parse_qido(params: Iterable[tuple[str, str]], level: str, scope: dict[str, str] | None = None) -> Query:
+    """Parse query parameters (already percent-decoded) for a query at ``level``."""
+    matches: dict[str, Match] = {}
+    includefields: list[str] = []
+    include_all = False
+    fuzzy = False
+    limit: int | None = None
+    offset = 0
+    for name, value in params:
+        if name == "includefield":
+            for item in filter(None, (v.strip() for v in value.split(","))):
+                if item == "all":
+                    include_all = True
+                    continue
+                keyword = _attribute(item, "includefield")
+                if keyword not in includefields:
+                    includefields.append(keyword)
+        elif name == "fuzzymatching":
+            if value not in ("true", "false"):
+                raise QueryError(f"fuzzymatching: expected true or false, got {value!r}")
+            fuzzy = value == "true"
+        elif name in ("limit", "offset"):
+            if not value.isdigit():
+                raise QueryError(f"{name}: expected a non-negative integer, got {value!r}")
+            if name == "limit":
+                limit = int(value)
+            else:
+                offset = int(value)
+        else:
+            keyword = _attribute(name, "query key")
+            if keyword not in MATCHING[level]:
+                raise QueryError(f"{name}: not supported as a matching key at {level} level")
+            if keyword in matches:
+                raise QueryError(f"{name}: given more than once")
+            matches[keyword] = _match(keyword, value)
+    return Query(level, tuple(matches.values()), tuple(includefields), include_all, fuzzy, limit,
+                 offset, dict(scope or {}))
+
+
+def _attribute(name: str, what: str) -> str:
+    if "." in name:
+        raise QueryError(f"{name}: sequence attribute paths are not supported as {what}")
+    keyword = resolve_attribute(name)
+    if keyword is None:
+        raise QueryError(f"{name}: unknown attribute (expected a DICOM keyword or 8 hex digits)")
+    return keyword
+
+
+def _match(keyword: str, value: str) -> Match:
+    vr = vr_of(keyword)
+    if value == "":
+        return Match(keyword, "universal", ())
+    if vr == "UI":
+        uids = tuple(v for v in re.split(r"[,\\]", value) if v)
+        for uid in uids:
+            if not _UID.match(uid) or len(uid) > 64:
+                raise QueryError(f"{keyword}: {uid!r} is not a UID")
+        return Match(keyword, "list" if len(uids) > 1 else "single", uids)
+    if vr in ("DA", "TM"):
+        pattern = _DATE if vr == "DA" else _TIME
+        if "-" in value:
+            low, _, high = value.partition("-")
+            for part in (low, high):
+                if part and not pattern.match(part):
+                    raise QueryError(f"{keyword}: {value!r} is not a {vr} range")
+            if not low and not high:
+                raise QueryError(f"{keyword}: an empty range")
+            return Match(keyword, "range", (low, high))
+        if not pattern.match(value):
+            raise QueryError(f"{keyword}: {value!r} is not a valid {vr} value")
+        return Match(keyword, "single", (value,))
+    if vr in ("IS", "US", "UL", "SS", "SL"):
+        try:
+            return Match(keyword, "single", (str(int(value)),))
+        except ValueError:
+            raise QueryError(f"{keyword}: {value!r} is not an integer") from None
+    if vr == "CS" and ("," in value or "\\" in value):
+        return Match(keyword, "list", tuple(v for v in re.split(r"[,\\]", value) if v))
+    if vr in _WILDCARD_VRS and ("*" in value or "?" in value):
+        return Match(keyword, "wildcard", (value,))
+    return Match(keyword, "single", (value,))
+
+
+# -- SQL ---------------------------------------------------------------------------------------
+
+_ALIAS = {**{k: "p" for k in PATIENT}, **{k: "st" for k in STUDY}, **{k: "se" for k in SERIES}}
+_FROM = {
+    "study": "studies st JOIN patients p ON p.id = st.patient",
+    "series": "series se JOIN studies st ON st.StudyInstanceUID = se.StudyInstanceUID "
+              "JOIN patients p ON p.id = st.patient",
+    "instance": "instances i JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
+                "JOIN studies st ON st.StudyInstanceUID = se.StudyInstanceUID "
+                "JOIN patients p ON p.id = st.patient",
+}
+_ORDER = {
+    "study": "st.StudyDate DESC, st.StudyTime_norm DESC, st.StudyInstanceUID",
+    "series": "se.SeriesNumber, se.SeriesInstanceUID",
+    "instance": "i.InstanceNumber, i.SOPInstanceUID",
+}
+_TIME_COLUMNS = {"StudyTime", "SeriesTime", "ContentTime", "PerformedProcedureStepStartTime"}
+
+
+def column(keyword: str) -> str:
+    return f"{_ALIAS.get(keyword, 'i')}.{keyword}"
+
+
+def compile_query(query: Query) -> tuple[str, list[Any], int]:
+    """SQL selecting the matching rows' columns and computed attributes; returns the effective
+    limit too (at most ``MAX_RESULTS``)."""
+    where: list[str] = []
+    params: list[Any] = []
+    for keyword, uid in query.scope.items():
+        where.append(f"{column(keyword)} = ?")
+        params.append(uid)
+    for match in query.matches:
+        _condition(match, query.fuzzy, where, params)
+    selects = ["p.*", "st.*"] + (["se.*"] if query.level != "study" else []) + (
+        ["i.SOPInstanceUID", "i.SOPClassUID", "i.InstanceNumber", "i.Rows", "i.Columns",
+         "i.BitsAllocated", "i.NumberOfFrames"] if query.level == "instance" else [])
+    returned = set(query.returned) | (set(COMPUTED[query.level]) if query.include_all else set())
+    if returned & set(COMPUTED["study"]):
+        selects.append(
+            "(SELECT GROUP_CONCAT(DISTINCT x.Modality) FROM series x "
+            "WHERE x.StudyInstanceUID = st.StudyInstanceUID) AS ModalitiesInStudy")
+        selects.append(
+            "(SELECT COUNT(*) FROM series x WHERE x.StudyInstanceUID = st.StudyInstanceUID) "
+            "AS NumberOfStudyRelatedSeries")
+        selects.append(
+            "(SELECT COUNT(*) FROM series x JOIN instances y ON y.SeriesInstanceUID = "
+            "x.SeriesInstanceUID WHERE x.StudyInstanceUID = st.StudyInstanceUID) "
+            "AS NumberOfStudyRelatedInstances")
+    if query.level != "study" and "NumberOfSeriesRelatedInstances" in returned:
+        selects.append("(SELECT COUNT(*) FROM instances y WHERE y.SeriesInstanceUID = "
+                       "se.SeriesInstanceUID) AS NumberOfSeriesRelatedInstances")
+    limit = min(query.limit if query.limit is not None else MAX_RESULTS, MAX_RESULTS)
+    sql = (f"SELECT {', '.join(selects)} FROM {_FROM[query.level]}"
+           + (f" WHERE {' AND '.join(where)}" if where else "")
+           + f" ORDER BY {_ORDER[query.level]} LIMIT ? OFFSET ?")
+    params += [limit + 1, query.offset]  # one more row tells whether the page was cut
+    return sql, params, limit
+
+
+def _condition(match: Match, fuzzy: bool, where: list[str], params: list[Any]) -> None:
+    keyword, kind, values = match.keyword, match.kind, match.values
+    if kind == "universal":
+        return
+    if keyword == "ModalitiesInStudy":
+        inner: list[str] = []
+        _condition(Match("Modality", kind, values), fuzzy, inner, params)
+        where.append("EXISTS (SELECT 1 FROM series m WHERE m.StudyInstanceUID = st.StudyInstanceUID"
+                     f" AND {inner[0].replace('se.', 'm.')})")
+        return
+    col = column(keyword)
+    vr = vr_of(keyword)
+    if vr == "PN":
+        _name_condition(col, kind, values[0], fuzzy, where, params)
+        return
+    if keyword in _TIME_COLUMNS:
+        col += "_norm"
+        if kind == "single":
+            low, high = values[0], values[0]
+            kind, values = "range", (low, high)
+    if kind == "list":
+        where.append(f"{col} IN ({', '.join('?' * len(values))})")
+        params.extend(values)
+    elif kind == "range":
+        low, high = values
+        if keyword in _TIME_COLUMNS:
+            low = normalize_time(low) if low else ""
+            high = _time_upper(high) if high else ""
+        if low:
+            where.append(f"{col} >= ?")
+            params.append(low)
+        if high:
+            where.append(f"{col} <= ?")
+            params.append(high)
+    elif kind == "wildcard":
+        where.append(f"{col} GLOB ?")
+        params.append(_glob(values[0]))
+    elif vr in ("IS", "US", "UL", "SS", "SL"):
+        where.append(f"{col} = ?")
+        params.append(int(values[0]))
+    else:
+        where.append(f"{col} = ?")
+        params.append(values[0])
+
+
+def _name_condition(col: str, kind: str, value: str, fuzzy: bool, where: list[str],
+                    params: list[Any]) -> None:
+    folded = fold_text(value)
+    if fuzzy:
+        # Each query word must begin some component of the name (family, given, ...).
+        for word in re.split(r"[\s^=,*?]+", folded):
+            if word:
+                where.append(f"{col}_words GLOB ?")
+                params.append(f"* {_glob_escape(word)}*")
+        return
+    if kind == "wildcard":
+        where.append(f"{col}_fold GLOB ?")
+        params.append(_glob(folded))
+    else:
+        where.append(f"{col}_fold = ?")
+        params.append(folded)
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([\[\]*?])", r"[\1]", text)
+
+
+def _glob(pattern: str) -> str:
+    """DICOM wildcards to GLOB: '*' and '?' keep their meaning, GLOB's '[' is escaped."""
+    return re.sub(r"([\[\]])", r"[\1]", pattern)
+
+
+def _time_upper(value: str) -> str:
+    """The last instant a partial TM upper bound covers: '15' means up to 15:59:59.999999."""
+    whole, _, fraction = value.partition(".")
+    return whole + "5959"[len(whole) - 2:] + "." + (fraction + "999999")[:6]

@@ -1,0 +1,59 @@
+"""Wiring: a configuration becomes a registry, its sources, and the harvest schedule."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+
+import anyio
+import anyio.to_thread
+
+from gateway.config import Config, SourceConfig
+from gateway.errors import ConfigError, GatewayError, SourceError
+from gateway.registry.harvest import harvest
+from gateway.registry.store import Registry, SourceStats
+from gateway.stream.filesystem import FolderSource
+from gateway.stream.source import Source
+
+__all__ = ["Gateway", "make_source"]
+
+log = logging.getLogger("gateway")
+
+
+def make_source(config: SourceConfig) -> Source:
+    if config.kind == "filesystem":
+        return FolderSource(config.name, config.path)
+    raise ConfigError(f"sources.{config.name}.kind: {config.kind!r} is not supported")
+
+
+class Gateway:
+    def __init__(self, config: Config, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry or Registry(config.registry_path)
+        self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources}
+
+    def source(self, name: str) -> Source:
+        try:
+            return self.sources[name]
+        except KeyError:
+            raise SourceError(f"instance is held by source {name!r}, which is no longer configured") from None
+
+    def harvest(self, name: str, progress=None, executor: Executor | None = None) -> SourceStats:
+        return harvest(self.registry, self.sources[name], progress, executor)
+
+    async def harvest_forever(self, source_config: SourceConfig) -> None:
+        """Harvest one source now and then every ``interval`` seconds; errors are logged, the
+        loop goes on (the index keeps serving what it had)."""
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.harvest, source_config.name)
+            except GatewayError as exc:
+                log.error("source %s: harvest failed: %s", source_config.name, exc.message)
+            except Exception:  # keep the schedule alive whatever one run hits
+                log.exception("source %s: harvest failed", source_config.name)
+            await anyio.sleep(source_config.interval)
+
+    async def aclose(self) -> None:
+        for source in self.sources.values():
+            await source.aclose()
+        self.registry.close()

@@ -1,0 +1,154 @@
+"""Reading one DICOM file's header and locating its pixel data, for harvest.
+
+Only the header is parsed (pydicom, ``stop_before_pixels``); the Pixel Data element header is then read
+by hand to build the frame byte map (``framemap``). Pixel values are never loaded.
+
+How frames are served later depends on the transfer syntax, decided here once per file:
+
+* ``direct``: frames are byte ranges of the file (explicit/implicit VR little endian, encapsulated);
+* ``swap``: byte ranges, then byte-swapped to little endian (explicit VR big endian, PS3.5 A.3);
+* ``decode``: the file is deflated (PS3.5 A.5); frames need the dataset inflated first.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    UID,
+)
+
+from gateway.errors import DicomFileError
+from gateway.stream import framemap
+
+__all__ = ["PixelInfo", "read_header", "MAX_HEADER_BYTES"]
+
+# Hostile files: a header larger than this is refused (real headers are a few KiB to a few MiB).
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class PixelInfo:
+    """Where an instance's frames are and how to serve them."""
+
+    transfer_syntax: str
+    mode: str  # "direct" | "swap" | "decode"
+    encapsulated: bool
+    vr: str  # the Pixel Data VR as stored: OB or OW
+    value_offset: int  # first byte of the value (native) or of the first item (encapsulated)
+    value_length: int  # bytes of the value; -1 for undefined length
+    frames: dict[str, object] | None  # packed frame map, None when frames cannot be located
+    frame_error: str | None = None  # why frames cannot be located, for the 5xx message
+    swap_width: int = 0  # 2 or 4 for big endian words
+
+
+def read_header(path: Path) -> tuple[Dataset, PixelInfo | None]:
+    """Parse ``path``'s header; return the dataset (without Pixel Data) and its pixel info."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            if fp.tell() > MAX_HEADER_BYTES:
+                raise DicomFileError(f"header larger than {MAX_HEADER_BYTES} bytes")
+            pixel = _pixel_info(fp, ds, size)
+    except DicomFileError:
+        raise
+    except InvalidDicomError as exc:
+        raise DicomFileError(f"not a DICOM file ({exc})") from exc
+    except RecursionError as exc:
+        raise DicomFileError("sequences nested too deeply") from exc
+    except MemoryError as exc:
+        raise DicomFileError("an element is too large to read") from exc
+    except OSError as exc:
+        raise DicomFileError(f"cannot read file ({exc.strerror or exc})") from exc
+    except Exception as exc:  # pydicom raises many types on corrupt input; keep the file's reason
+        raise DicomFileError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+    if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
+        raise DicomFileError("missing SOPInstanceUID, StudyInstanceUID or SeriesInstanceUID")
+    return ds, pixel
+
+
+def _pixel_info(fp: BinaryIO, ds: Dataset, size: int) -> PixelInfo | None:
+    meta = getattr(ds, "file_meta", None)
+    ts = UID(str(meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))) if meta else ImplicitVRLittleEndian
+    if "Rows" not in ds or "Columns" not in ds:
+        return None
+    if ts == DeflatedExplicitVRLittleEndian:
+        # The file position is inside pydicom's inflated copy, not the file: decode on request.
+        frame_len = framemap.frame_length(
+            int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 16))
+        )
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+        vr = "OW" if int(ds.get("BitsAllocated", 16)) > 8 else "OB"
+        return PixelInfo(str(ts), "decode", False, vr, -1, -1, {"decode": [frame_len, count]})
+    position = fp.tell()
+    little = ts != ExplicitVRBigEndian
+    header = fp.read(12)
+    if len(header) < 8:
+        return None
+    tag = _tag(header[:4], little)
+    if tag != _PIXEL_DATA:
+        return None
+    implicit = ts == ImplicitVRLittleEndian
+    if implicit:
+        vr = "OW" if int(ds.get("BitsAllocated", 16)) > 8 else "OB"
+        (length,) = struct.unpack("<I", header[4:8])
+        value_offset = position + 8
+    else:
+        vr = header[4:6].decode("ascii", "replace")
+        (length,) = struct.unpack("<I" if little else ">I", header[8:12])
+        value_offset = position + 12
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    encapsulated = length == _UNDEFINED
+    frames: dict[str, object] | None = None
+    error: str | None = None
+
+    def read_at(offset: int, n: int) -> bytes:
+        fp.seek(offset)
+        return fp.read(n)
+
+    try:
+        if encapsulated:
+            extended = _extended_offsets(ds)
+            frames = framemap.pack(framemap.encapsulated_map(read_at, value_offset, size, count, extended))
+        else:
+            if value_offset + length > size:
+                raise DicomFileError(f"pixel data is truncated: file ends {value_offset + length - size} bytes early")
+            frame_len = framemap.frame_length(
+                int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 16))
+            )
+            frames = framemap.pack(framemap.native_map(value_offset, length, frame_len, count))
+    except DicomFileError as exc:
+        error = exc.message
+    bits = int(ds.get("BitsAllocated", 8))
+    swap = 0 if little or encapsulated or bits <= 8 else bits // 8
+    mode = "swap" if swap else "direct"
+    return PixelInfo(str(ts), mode, encapsulated, vr, value_offset, -1 if encapsulated else length,
+                     frames, error, swap)
+
+
+def _tag(raw: bytes, little: bool) -> int:
+    group, element = struct.unpack("<HH" if little else ">HH", raw)
+    return (group << 16) | element
+
+
+def _extended_offsets(ds: Dataset) -> tuple[list[int], list[int]] | None:
+    if "ExtendedOffsetTable" not in ds or "ExtendedOffsetTableLengths" not in ds:
+        return None
+    table, lengths = ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths
+    if len(table) % 8 or len(lengths) != len(table):
+        raise DicomFileError("Extended Offset Table is malformed")
+    n = len(table) // 8
+    return list(struct.unpack(f"<{n}Q", table)), list(struct.unpack(f"<{n}Q", lengths))

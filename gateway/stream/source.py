@@ -1,0 +1,59 @@
+"""The one contract every source kind implements (folder now; DIMSE and DICOMweb PACS later).
+
+Harvest asks a source what it holds (``scan``) and for each new or changed entry its header
+(``read_header``); the registry stores the result. Serving asks for bytes by location:
+``aiter_instance`` streams a whole Part 10 file, ``aiter_frame`` one frame, both as chunks of at most
+``CHUNK`` bytes, so memory does not depend on the size of what is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from pydicom.dataset import Dataset
+
+from gateway.registry.store import Location
+from gateway.stream.dicomfile import PixelInfo
+
+__all__ = ["Entry", "Source", "CHUNK"]
+
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One object a source holds, with what tells whether it changed since the last harvest."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+class Source(Protocol):
+    name: str
+    kind: str
+
+    def scan(self) -> Iterator[Entry]:
+        """Everything the source holds now (blocking; harvest runs it in a worker thread)."""
+        ...
+
+    def read_header(self, entry: Entry) -> tuple[Dataset, PixelInfo | None]:
+        """The entry's header without pixel data; raises ``DicomFileError`` if unreadable."""
+        ...
+
+    def aiter_instance(self, location: Location) -> AsyncIterator[bytes]:
+        """The stored Part 10 bytes of one instance."""
+        ...
+
+    def aiter_frame(self, location: Location, index: int) -> AsyncIterator[bytes]:
+        """The bytes of frame ``index`` (0-based), little endian, as stored otherwise."""
+        ...
+
+    async def health(self) -> str:
+        """"ok", or a sentence saying what is wrong."""
+        ...
+
+    async def aclose(self) -> None:
+        ...
