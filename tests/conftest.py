@@ -1,0 +1,69 @@
+"""Shared fixtures: the bundled DICOM files harvested once into a temporary registry, and an
+in-process client for the app (ASGI transport: no ports, no sleeps)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import anyio
+import httpx
+
+from gateway.config import Config, ServerConfig, SourceConfig
+from gateway.dicomweb.app import create_app
+from gateway.service import Gateway
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures" / "dicom"
+
+
+def fixture_files() -> list[Path]:
+    return sorted(FIXTURES.rglob("*.dcm"))
+
+
+def make_config(folder: Path, db: Path, name: str = "fixtures") -> Config:
+    return Config(ServerConfig(), f"sqlite:///{db}", (SourceConfig(name, "filesystem", folder),))
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    db = tmp_path_factory.mktemp("registry") / "registry.db"
+    gw = Gateway(make_config(FIXTURES, db))
+    stats = gw.harvest("fixtures")
+    assert stats.failed == 0, "the bundled fixtures must all index"
+    yield gw
+    gw.registry.close()
+
+
+class Client:
+    """A synchronous face on httpx's ASGI transport: each request runs the app in-process.
+
+    (starlette's TestClient is deprecated with httpx; this keeps tests plain functions.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.base_url = "http://gateway.test"
+
+    def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url=self.base_url) as http:
+                return await http.request(method, url, **kwargs)
+
+        return anyio.run(send)
+
+    def get(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def client(gateway: Gateway) -> Client:
+    return Client(create_app(gateway))
+
+
+@pytest.fixture(scope="session")
+def datasets() -> dict[str, pydicom.Dataset]:
+    """Every fixture read fully by pydicom, by SOPInstanceUID: the reference for served bytes."""
+    return {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in fixture_files())}
