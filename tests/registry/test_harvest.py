@@ -1,0 +1,121 @@
+"""Harvest: incremental, tolerant of bad files, and careful with deletions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from gateway.errors import SourceError
+from gateway.registry.harvest import harvest
+from gateway.registry.store import Registry
+from gateway.stream.filesystem import FolderSource
+from tests.conftest import fixture_files
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "archive"
+    root.mkdir()
+    for path in fixture_files()[:6]:
+        shutil.copy(path, root / path.name)
+    return root
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "registry.db")
+
+
+def test_first_harvest_indexes_every_file(folder, registry):
+    stats = harvest(registry, FolderSource("a", folder))
+    assert (stats.seen, stats.indexed, stats.failed) == (6, 6, 0)
+    assert registry.counts()["instances"] == 6
+
+
+def test_unchanged_files_are_skipped(folder, registry):
+    harvest(registry, FolderSource("a", folder))
+    stats = harvest(registry, FolderSource("a", folder))
+    assert (stats.indexed, stats.skipped) == (0, 6)
+
+
+def test_changed_file_is_read_again(folder, registry):
+    harvest(registry, FolderSource("a", folder))
+    path = sorted(folder.iterdir())[0]
+    ds = pydicom.dcmread(path)
+    ds.StudyDescription = "Changed description"
+    ds.save_as(path)
+    os.utime(path, ns=(1, 1))  # a different modification time, whatever the clock
+    stats = harvest(registry, FolderSource("a", folder))
+    assert stats.indexed == 1
+    (row,) = registry.query("SELECT StudyDescription FROM studies WHERE StudyInstanceUID=?",
+                            (str(ds.StudyInstanceUID),))
+    assert row[0] == "Changed description"
+
+
+def test_deleted_files_leave_the_index_and_empty_studies_go(folder, registry):
+    harvest(registry, FolderSource("a", folder))
+    for path in folder.iterdir():
+        path.unlink()
+    stats = harvest(registry, FolderSource("a", folder))
+    assert stats.removed == 6
+    assert registry.counts() == {"patients": 0, "studies": 0, "series": 0, "instances": 0,
+                                 "locations": 0, "rejects": 0}
+
+
+def test_unreadable_files_are_counted_remembered_and_not_fatal(folder, registry):
+    (folder / "notes.txt").write_text("not DICOM")
+    good = sorted(folder.iterdir())[0].read_bytes()
+    (folder / "truncated.dcm").write_bytes(good[:300])
+    stats = harvest(registry, FolderSource("a", folder))
+    assert (stats.indexed, stats.failed) == (6, 2)
+    reasons = {row["path"]: row["reason"] for row in registry.query("SELECT path, reason FROM rejects")}
+    assert "not a DICOM file" in reasons["notes.txt"]
+    again = harvest(registry, FolderSource("a", folder))
+    assert (again.failed, again.skipped) == (0, 8)  # not re-read until they change
+
+
+def test_a_missing_folder_stops_harvest_without_removing_anything(folder, registry, tmp_path):
+    harvest(registry, FolderSource("a", folder))
+    with pytest.raises(SourceError, match="does not exist"):
+        harvest(registry, FolderSource("a", tmp_path / "unmounted"))
+    assert registry.counts()["instances"] == 6
+
+
+def _hostile(path: Path, depth: int) -> None:
+    ds = pydicom.dcmread(fixture_files()[0])
+    item = Dataset()
+    item.CodeValue = "X"
+    for _ in range(depth):
+        outer = Dataset()
+        outer.ContentSequence = Sequence([item])
+        item = outer
+    ds.ContentSequence = item.ContentSequence
+    ds.SOPInstanceUID = "1.2.3.4.5.6.7"
+    ds.save_as(path)
+
+
+def test_deeply_nested_sequences_are_refused_cleanly(folder, registry):
+    _hostile(folder / "deep.dcm", 200)
+    stats = harvest(registry, FolderSource("a", folder))
+    assert stats.failed == 1
+    (row,) = registry.query("SELECT reason FROM rejects WHERE path='deep.dcm'")
+    assert "nested" in row[0]
+
+
+def test_the_same_instance_in_two_sources_is_one_record_with_two_locations(folder, registry, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    harvest(registry, FolderSource("a", folder))
+    harvest(registry, FolderSource("b", copy))
+    counts = registry.counts()
+    assert (counts["instances"], counts["locations"]) == (6, 12)
+    for path in copy.iterdir():
+        path.unlink()
+    harvest(registry, FolderSource("b", copy))
+    assert registry.counts()["instances"] == 6  # still held by source a

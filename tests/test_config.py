@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from gateway.config import default_config, load_config
+from gateway.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+[server]
+host = "127.0.0.1"
+port = 9000
+[registry]
+url = "sqlite:///db/registry.db"
+[[sources]]
+name = "pacs"
+kind = "filesystem"
+path = "archive"
+interval = 60
+"""
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    config = load_config(write(tmp_path, GOOD), env={})
+    assert config.server.port == 9000
+    assert config.registry_path == tmp_path / "db" / "registry.db"
+    assert config.sources[0].path == tmp_path / "archive"
+    assert config.sources[0].interval == 60
+
+
+def test_environment_overrides_the_file(tmp_path):
+    config = load_config(write(tmp_path, GOOD), env={"GATEWAY_PORT": "9100", "GATEWAY_HOST": "::1"})
+    assert (config.server.host, config.server.port) == ("::1", 9100)
+
+
+def test_embedded_default_serves_the_fixtures_on_loopback(tmp_path):
+    config = default_config({"GATEWAY_DATA_DIR": str(tmp_path)})
+    assert config.embedded
+    assert config.server.host == "127.0.0.1" and config.server.port == 8080
+    assert config.registry_path == tmp_path / "registry.db"
+    assert config.sources[0].path.name == "dicom"
+
+
+@pytest.mark.parametrize("text,words", [
+    ("[server]\nport = 'x'\n", "server.port: expected int"),
+    ("[server]\nport = 70000\n[registry]\nurl='sqlite:///a.db'\n", "server.port: 70000"),
+    ("[server]\nhots = 'x'\n", "server.hots: unknown key"),
+    ("[registry]\nurl = 'mysql://x'\n", "registry.url"),
+    ("[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='ftp'\npath='x'\n", "sources[0].kind"),
+    ("[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='filesystem'\n", "sources[0].path: missing"),
+    ("[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='filesystem'\npath='x'\n"
+     "[[sources]]\nname='a'\nkind='filesystem'\npath='y'\n", "used twice"),
+    ("[registry\n", "not valid TOML"),
+    ("[registry]\n", "registry.url: missing"),
+], ids=["port-type", "port-range", "unknown-key", "registry-scheme", "source-kind", "source-path",
+        "duplicate-name", "toml-syntax", "registry-missing"])
+def test_bad_config_gets_one_line_naming_the_key(tmp_path, text, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), env={})
+    assert words in error.value.message
+    assert "\n" not in error.value.message
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml", env={})

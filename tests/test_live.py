@@ -1,0 +1,98 @@
+"""End to end through a real uvicorn server on a loopback port, driven by dicomweb-client."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+
+from tests.conftest import FIXTURES, ROOT
+from tests.dicomweb.test_retrieve import expected_frames
+
+pytestmark = pytest.mark.network
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("live")
+    port = free_port()
+    config = work / "gateway.toml"
+    config.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
+                      f'[registry]\nurl = "sqlite:///{work / "registry.db"}"\n'
+                      f'[[sources]]\nname = "fixtures"\nkind = "filesystem"\npath = "{FIXTURES}"\n')
+    log = work / "gateway.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                                   cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                # The harvest at start runs in the background: wait until it has indexed.
+                if httpx.get(f"{url}/dicom-web/studies", timeout=2).json():
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("gateway did not start:\n" + log.read_text())
+            time.sleep(0.2)
+        yield url + "/dicom-web"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> DICOMwebClient:
+    return DICOMwebClient(url=server)
+
+
+def test_search_finds_every_study(client):
+    studies = client.search_for_studies()
+    expected = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+                for p in FIXTURES.rglob("*.dcm")}
+    assert {s["0020000D"]["Value"][0] for s in studies} == expected
+
+
+def test_search_by_patient_name_with_fuzzy_matching(client):
+    studies = client.search_for_studies(search_filters={"PatientName": "francoise"}, fuzzymatching=True)
+    assert {s["00100010"]["Value"][0]["Alphabetic"] for s in studies} == {"Dupont^Françoise"}
+
+
+def test_study_metadata_lists_every_instance(client):
+    path = next(FIXTURES.rglob("*multiframe*.dcm"))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    metadata = client.retrieve_study_metadata(str(ds.StudyInstanceUID))
+    expected = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in FIXTURES.rglob("*.dcm")
+                if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == ds.StudyInstanceUID}
+    assert {m["00080018"]["Value"][0] for m in metadata} == expected
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.rglob("*.dcm")), ids=lambda p: Path(p).stem)
+def test_instance_and_every_frame_match_the_source_file(client, path):
+    ds = pydicom.dcmread(path)
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    instance = client.retrieve_instance(*uids)
+    assert instance.SOPInstanceUID == ds.SOPInstanceUID
+    assert (instance.pixel_array == ds.pixel_array).all()
+    frames = expected_frames(ds)
+    # transfer-syntax=*: frames as stored (what OHIF asks for); the bytes must be the file's.
+    got = client.retrieve_instance_frames(*uids, frame_numbers=list(range(1, len(frames) + 1)),
+                                          media_types=(("application/octet-stream", "*"),))
+    assert got == frames
