@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
@@ -32,6 +33,11 @@ from gateway.errors import DicomFileError
 from gateway.stream import framemap
 
 __all__ = ["PixelInfo", "read_header", "MAX_HEADER_BYTES"]
+
+# Real archives hold many slightly invalid values (an IS of "1A", a 65-character UID): index them
+# as they are, without one warning per element; values that cannot be converted at all still make
+# the file fail with a reason.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 # Hostile files: a header larger than this is refused (real headers are a few KiB to a few MiB).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
