@@ -13,21 +13,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydicom.dataelem import DataElement
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from gateway.errors import DicomFileError
 from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
+from gateway.registry.dicomjson import dataset_json
 from gateway.stream.dicomfile import PixelInfo
 
 __all__ = ["InstanceRecord", "build_record", "fold_text", "normalize_time", "BULK_KEY"]
 
 BULK_KEY = b'"BulkDataURI":"'
-# Binary values up to this size are inlined as base64 (PS3.18 F.2.7); larger ones become URIs.
-INLINE_LIMIT = 1024
-_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
-_MAX_DEPTH = 32  # hostile files: refuse sequences nested deeper than any real IOD
 
 
 @dataclass(frozen=True)
@@ -77,32 +73,39 @@ def build_record(ds: Dataset, pixel: PixelInfo | None) -> InstanceRecord:
 
 
 def _build_record(ds: Dataset, pixel: PixelInfo | None) -> InstanceRecord:
-    columns = {level: _columns(ds, keys) for level, keys in
-               (("patient", PATIENT), ("study", STUDY), ("series", SERIES), ("instance", INSTANCE))}
     uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    base = f"/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/bulk/"
+    body = dataset_json(ds, lambda path: base + path)
+    # Text is served as UTF-8 whatever the file's character set (PS3.18 F.2: JSON is UTF-8).
+    if "00080005" in body:
+        body["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
+    if pixel is not None:
+        body["7FE00010"] = {"vr": pixel.vr, "BulkDataURI": base + "7FE00010"}
+    columns = {level: _columns(body, keys) for level, keys in
+               (("patient", PATIENT), ("study", STUDY), ("series", SERIES), ("instance", INSTANCE))}
     columns["patient"].setdefault("PatientID", "")
     columns["patient"].setdefault("IssuerOfPatientID", "")
-    base = f"/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/bulk/"
-    metadata = orjson.dumps(_to_json(ds, base, pixel))
+    for level, keyword, uid in zip(("study", "series", "instance"),
+                                   ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), uids):
+        columns[level][keyword] = uid
     return InstanceRecord(columns["patient"], columns["study"], columns["series"],
-                          columns["instance"], metadata)
+                          columns["instance"], orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
 
 
-def _columns(ds: Dataset, keywords: tuple[str, ...]) -> dict[str, Any]:
+def _columns(body: dict[str, Any], keywords: tuple[str, ...]) -> dict[str, Any]:
+    """QIDO columns from the DICOM JSON just built: one conversion serves both."""
     out: dict[str, Any] = {}
     for keyword in keywords:
-        element = ds.data_element(keyword) if keyword in ds else None
-        if element is None or element.value in (None, "", b""):
+        element = body.get(_TAGS[keyword])
+        values = element.get("Value") if element else None
+        if not values or values[0] is None:
             continue
-        value = element.value
-        if isinstance(value, (MultiValue, list)):
-            out[keyword] = "\\".join(str(v) for v in value)
-        elif element.VR in ("US", "UL", "SS", "SL"):
-            out[keyword] = int(value)
-        elif element.VR == "IS":
-            out[keyword] = int(value)
+        if element["vr"] == "PN":
+            out[keyword] = "\\".join(_pn_string(v) for v in values)
+        elif element["vr"] in ("IS", "US", "UL", "SS", "SL"):
+            out[keyword] = int(values[0])
         else:
-            out[keyword] = str(value)
+            out[keyword] = "\\".join("" if v is None else str(v) for v in values)
     for keyword in ("PatientName", "ReferringPhysicianName"):
         if keyword in out:
             out[f"{keyword}_fold"] = fold_text(out[keyword])
@@ -113,33 +116,12 @@ def _columns(ds: Dataset, keywords: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _to_json(ds: Dataset, base: str, pixel: PixelInfo | None) -> dict[str, Any]:
-    paths = _binary_paths(ds, "", 0)
-
-    def bulk_uri(element: DataElement) -> str:
-        return base + paths.get(id(element), f"{element.tag:08X}")
-
-    body: dict[str, Any] = ds.to_json_dict(INLINE_LIMIT, bulk_uri)
-    # Text is served as UTF-8 whatever the file's character set (PS3.18 F.2: JSON is UTF-8).
-    if "00080005" in body:
-        body["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
-    if pixel is not None:
-        body["7FE00010"] = {"vr": pixel.vr, "BulkDataURI": base + "7FE00010"}
-    return dict(sorted(body.items()))
+def _pn_string(value: dict[str, str]) -> str:
+    groups = [value.get("Alphabetic", ""), value.get("Ideographic", ""), value.get("Phonetic", "")]
+    return "=".join(groups).rstrip("=")
 
 
-def _binary_paths(ds: Dataset, prefix: str, depth: int) -> dict[int, str]:
-    """Tag paths of every binary element, for BulkDataURIs inside sequences: 'SEQTAG/index/TAG'."""
-    if depth > _MAX_DEPTH:
-        raise DicomFileError(f"sequences nested deeper than {_MAX_DEPTH} levels")
-    paths: dict[int, str] = {}
-    for element in ds:
-        if element.VR == "SQ":
-            for index, item in enumerate(element.value):
-                paths.update(_binary_paths(item, f"{prefix}{element.tag:08X}/{index}/", depth + 1))
-        elif element.VR in _BINARY_VRS or element.VR.startswith("O"):
-            paths[id(element)] = f"{prefix}{element.tag:08X}"
-    return paths
+_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in PATIENT + STUDY + SERIES + INSTANCE}
 
 
 def person_name_json(value: str) -> dict[str, str]:
