@@ -28,7 +28,8 @@ INLINE_LIMIT = 1024
 MAX_DEPTH = 32  # hostile files: refuse sequences nested deeper than any real IOD
 
 _BINARY = {"OB": 1, "OW": 2, "OF": 4, "OD": 8, "OL": 4, "OV": 8, "UN": 1}
-_NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
+_NUMBERS = {"US": ("H", 2), "SS": ("h", 2), "UL": ("I", 4), "SL": ("i", 4), "FL": ("f", 4),
+            "FD": ("d", 8), "SV": ("q", 8), "UV": ("Q", 8)}
 _SINGLE_VALUED = {"LT", "ST", "UT", "UR"}  # no backslash splitting (PS3.5 6.2)
 _TEXT = {"SH", "LO", "ST", "LT", "UC", "UT", "PN"}  # affected by Specific Character Set
 # Character sets where byte 0x5C is always the delimiter, so split-then-decode is exact.
@@ -51,7 +52,7 @@ def dataset_json(ds: Dataset, bulk_uri: BulkURI, charset: list[str] | None = Non
     out: dict[str, Any] = {}
     for tag in ds.keys():
         element = ds.get_item(tag)
-        key = f"{int(tag):08X}"
+        key = _KEYS.get(tag) or _key(tag)
         path = prefix + key
         value = None
         if isinstance(element, RawDataElement):
@@ -60,6 +61,14 @@ def dataset_json(ds: Dataset, bulk_uri: BulkURI, charset: list[str] | None = Non
             value = _slow(ds, tag, bulk_uri, charset, path, depth)
         out[key] = value
     return out
+
+
+_KEYS: dict[int, str] = {}
+
+
+def _key(tag: int) -> str:
+    key = _KEYS[tag] = f"{int(tag):08X}"
+    return key
 
 
 def _charsets(ds: Dataset) -> list[str]:
@@ -97,8 +106,7 @@ def _fast(element: RawDataElement, encoding: str | None, bulk_uri: BulkURI,
             return None
         return {"vr": vr, "InlineBinary": base64.b64encode(raw).decode("ascii")}
     if vr in _NUMBERS:
-        code = _NUMBERS[vr]
-        size = struct.calcsize(code)
+        code, size = _NUMBERS[vr]
         if len(raw) % size:
             return None
         order = "<" if element.is_little_endian else ">"
