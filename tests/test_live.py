@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
+from fixtures.generate import make_ct_study
 from tests.conftest import FIXTURES, ROOT
 from tests.dicomweb.test_retrieve import expected_frames
 
@@ -26,14 +29,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    work = tmp_path_factory.mktemp("live")
+@contextlib.contextmanager
+def running_gateway(folder: Path, work: Path) -> Iterator[str]:
+    """``gateway serve`` as a subprocess on a free loopback port; yields the DICOMweb base URL
+    once the harvest at start has indexed something, and stops the server after."""
     port = free_port()
     config = work / "gateway.toml"
     config.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
                       f'[registry]\nurl = "sqlite:///{work / "registry.db"}"\n'
-                      f'[[sources]]\nname = "fixtures"\nkind = "filesystem"\npath = "{FIXTURES}"\n')
+                      f'[[sources]]\nname = "archive"\nkind = "filesystem"\npath = "{folder}"\n')
     log = work / "gateway.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
@@ -43,7 +47,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                # The harvest at start runs in the background: wait until it has indexed.
                 if httpx.get(f"{url}/dicom-web/studies", timeout=2).json():
                     break
             except httpx.HTTPError:
@@ -55,6 +58,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_gateway(FIXTURES, tmp_path_factory.mktemp("live")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +105,37 @@ def test_instance_and_every_frame_match_the_source_file(client, path):
     got = client.retrieve_instance_frames(*uids, frame_numbers=list(range(1, len(frames) + 1)),
                                           media_types=(("application/octet-stream", "*"),))
     assert got == frames
+
+
+def test_a_transfer_cut_by_the_source_is_seen_as_incomplete_and_the_server_goes_on(tmp_path):
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    make_ct_study(folder, n_instances=1, rows=64, cols=64)  # one instance to keep indexed intact
+    multiframe = next(FIXTURES.rglob("*native_multiframe*.dcm"))
+    shutil.copy(multiframe, folder / multiframe.name)
+    ds = pydicom.dcmread(multiframe)
+    with running_gateway(folder, tmp_path) as url:
+        data = (folder / multiframe.name).read_bytes()
+        (folder / multiframe.name).write_bytes(data[: len(data) - len(ds.PixelData) // 2])
+        frames = ",".join(str(n) for n in range(1, int(ds.NumberOfFrames) + 1))
+        frames_url = (f"{url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                      f"/instances/{ds.SOPInstanceUID}/frames/{frames}")
+        accept = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(frames_url, headers=accept, timeout=10)
+        assert httpx.get(f"{url}/studies", timeout=10).status_code == 200
+
+
+def test_a_client_hanging_up_mid_study_does_not_stop_the_server(tmp_path):
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    make_ct_study(folder, n_instances=40, rows=256, cols=256)
+    ds = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
+    with running_gateway(folder, tmp_path) as url:
+        accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+        for _ in range(3):
+            with httpx.stream("GET", f"{url}/studies/{ds.StudyInstanceUID}", headers=accept,
+                              timeout=10) as response:
+                assert response.status_code == 200
+                next(response.iter_raw(65536))  # read a little, then hang up
+        assert httpx.get(f"{url}/studies/{ds.StudyInstanceUID}/metadata", timeout=10).status_code == 200

@@ -134,18 +134,16 @@ async def retrieve_instances(request: Request, gateway: Gateway, scope: dict[str
         for loc, offer in plan:
             source = gateway.source(loc.source)
             if offer.transfer_syntax == (loc.TransferSyntaxUID or IMPLICIT_LE):
-                yield writer.part_header(loc.size, offer.transfer_syntax)
-                async for chunk in source.aiter_instance(loc):
+                async for chunk in _part(writer.part_header(loc.size, offer.transfer_syntax),
+                                         source.aiter_instance(loc), writer):
                     yield chunk
             else:
                 stored = b"".join([chunk async for chunk in source.aiter_instance(loc)])
                 data = await anyio.to_thread.run_sync(to_explicit_little_endian, stored, loc.path)
-                yield writer.part_header(len(data), offer.transfer_syntax)
-                yield data
-            yield writer.part_end
+                yield writer.part_header(len(data), offer.transfer_syntax) + data + writer.part_end
         yield writer.closing()
 
-    return StreamingResponse(_guarded(body(), request), media_type=writer.content_type, headers=headers)
+    return await _stream(body(), request, writer.content_type, headers)
 
 
 # -- frames --------------------------------------------------------------------------------------
@@ -201,14 +199,11 @@ async def retrieve_frames(request: Request, gateway: Gateway, scope: dict[str, s
 
     async def body() -> AsyncIterator[bytes]:
         for header, _, number in parts:
-            yield header
-            async for chunk in source.aiter_frame(location, number - 1):
+            async for chunk in _part(header, source.aiter_frame(location, number - 1), writer):
                 yield chunk
-            yield writer.part_end
         yield writer.closing()
 
-    return StreamingResponse(_guarded(body(), request), media_type=writer.content_type,
-                             headers={"Content-Length": str(total)})
+    return await _stream(body(), request, writer.content_type, {"Content-Length": str(total)})
 
 
 # -- bulk data -----------------------------------------------------------------------------------
@@ -256,16 +251,33 @@ def _bulk_value(stored: bytes, tag_path: str, uid: str) -> bytes:
     return ds
 
 
-# -- streaming guard -----------------------------------------------------------------------------
+# -- streaming ------------------------------------------------------------------------------------
 
-async def _guarded(body: AsyncIterator[bytes], request: Request) -> AsyncIterator[bytes]:
-    """Log a transfer that failed after its headers were sent; re-raise so the server aborts the
-    connection instead of ending the response cleanly (a cut response must not look complete)."""
-    try:
-        async for chunk in body:
-            yield chunk
-    except Exception as exc:
-        message = getattr(exc, "message", None) or repr(exc)
-        log.error("%s %s aborted mid-stream: %s", request.method, request.url.path, message)
-        raise
+async def _part(header: bytes, data: AsyncIterator[bytes], writer: MultipartWriter) -> AsyncIterator[bytes]:
+    """One multipart part whose header is yielded only once the source delivered its first chunk,
+    so that a source failing on the first part fails the request before any byte is sent."""
+    first = await anext(data, b"")
+    yield header + first
+    async for chunk in data:
+        yield chunk
+    yield writer.part_end
 
+
+async def _stream(body: AsyncIterator[bytes], request: Request, media_type: str,
+                  headers: dict[str, str]) -> StreamingResponse:
+    """Start ``body`` before the response: errors up to its first chunk become a clean 4xx/5xx.
+    Later errors are logged and re-raised, so the server aborts the connection instead of ending
+    the response cleanly (a cut response must not look complete)."""
+    first = await anext(body)
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield first
+        try:
+            async for chunk in body:
+                yield chunk
+        except Exception as exc:
+            message = getattr(exc, "message", None) or repr(exc)
+            log.error("%s %s aborted mid-stream: %s", request.method, request.url.path, message)
+            raise
+
+    return StreamingResponse(rest(), media_type=media_type, headers=headers)
