@@ -24,8 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="harvest every configured source into the registry")
     index.add_argument("--config", help="TOML configuration file (default: embedded demo)")
-    index.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                       help="processes parsing headers (default: one per core)")
+    index.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes parsing headers (default: one per core)",
+    )
     serve = commands.add_parser("serve", help="serve DICOMweb at /dicom-web, harvesting in the background")
     serve.add_argument("--config", help="TOML configuration file (default: embedded demo)")
     serve.add_argument("--host")
@@ -54,13 +58,15 @@ def _index(config: Config, workers: int) -> int:
     executor = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         for source in config.sources:
-            bar = tqdm(desc=f"{source.name}", unit=" files", file=sys.stderr,
-                       disable=None)  # None: no bar when stderr is not a terminal
+            bar = tqdm(
+                desc=f"{source.name}", unit=" files", file=sys.stderr, disable=None
+            )  # None: no bar when stderr is not a terminal
 
             def progress(stats: SourceStats, bar=bar) -> None:
                 bar.n = stats.seen
-                bar.set_postfix(indexed=stats.indexed, skipped=stats.skipped, failed=stats.failed,
-                                refresh=False)
+                bar.set_postfix(
+                    indexed=stats.indexed, skipped=stats.skipped, failed=stats.failed, refresh=False
+                )
                 bar.refresh()
 
             try:
@@ -72,15 +78,19 @@ def _index(config: Config, workers: int) -> int:
                 continue
             bar.close()
             elapsed = (stats.finished or 0) - (stats.started or 0)
-            print(f"{source.name}: {stats.seen} files seen, {stats.indexed} indexed, "
-                  f"{stats.skipped} unchanged, {stats.failed} failed, {stats.removed} removed "
-                  f"in {elapsed:.1f} s; {stats.instances} instances held")
+            print(
+                f"{source.name}: {stats.seen} files seen, {stats.indexed} indexed, "
+                f"{stats.skipped} unchanged, {stats.failed} failed, {stats.removed} removed "
+                f"in {elapsed:.1f} s; {stats.instances} instances held"
+            )
     finally:
         if executor is not None:
             executor.shutdown()
     counts = gateway.registry.counts()
-    print(f"registry {config.registry_path}: {counts['patients']} patients, {counts['studies']} "
-          f"studies, {counts['series']} series, {counts['instances']} instances")
+    print(
+        f"registry {config.registry_path}: {counts['patients']} patients, {counts['studies']} "
+        f"studies, {counts['series']} series, {counts['instances']} instances"
+    )
     return 1 if failed else 0
 
 
@@ -101,7 +111,10 @@ def _serve(config: Config, host: str | None, port: int | None, harvest: bool) ->
 
 def _announce(config: Config) -> None:
     if config.embedded:
-        log.info("no --config given: running the embedded default (SQLite registry at %s, "
-                 "folder source %s)", config.registry_path, config.sources[0].path)
+        log.info(
+            "no --config given: running the embedded default (SQLite registry at %s, folder source %s)",
+            config.registry_path,
+            config.sources[0].path,
+        )
     else:
         log.info("configuration from %s; registry %s", config.origin, config.registry_path)

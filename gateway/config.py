@@ -80,8 +80,7 @@ def default_config(env: dict[str, str] | None = None) -> Config:
         "sources": [{"name": "fixtures", "kind": "filesystem", "path": str(_fixtures_dir())}],
     }
     config = _build(raw, base=Path.cwd(), env=env, origin="embedded default")
-    return Config(config.server, config.registry_url, config.sources, embedded=True,
-                  origin=config.origin)
+    return Config(config.server, config.registry_url, config.sources, embedded=True, origin=config.origin)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
@@ -96,8 +95,9 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
         raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: not valid TOML ({exc})") from exc
-    return _build(raw, base=path.resolve().parent, env=dict(os.environ if env is None else env),
-                  origin=str(path))
+    return _build(
+        raw, base=path.resolve().parent, env=dict(os.environ if env is None else env), origin=str(path)
+    )
 
 
 def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) -> Config:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import pydicom
-import pytest
 import anyio
 import httpx
+import pydicom
+import pytest
 
 from gateway.config import Config, ServerConfig, SourceConfig
 from gateway.dicomweb.app import create_app

@@ -11,8 +11,9 @@ from tests.conftest import fixture_files
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_index_prints_a_summary_and_counts_bad_files(tmp_path):
@@ -23,7 +24,8 @@ def test_index_prints_a_summary_and_counts_bad_files(tmp_path):
     (archive / "junk.bin").write_bytes(b"\x00" * 10)
     (tmp_path / "gateway.toml").write_text(
         '[registry]\nurl = "sqlite:///registry.db"\n'
-        '[[sources]]\nname = "archive"\nkind = "filesystem"\npath = "archive"\n')
+        '[[sources]]\nname = "archive"\nkind = "filesystem"\npath = "archive"\n'
+    )
     result = run("index", "--config", "gateway.toml", "--workers", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "archive: 4 files seen, 3 indexed, 0 unchanged, 1 failed" in result.stdout

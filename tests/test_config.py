@@ -47,19 +47,41 @@ def test_embedded_default_serves_the_fixtures_on_loopback(tmp_path):
     assert config.sources[0].path.name == "dicom"
 
 
-@pytest.mark.parametrize("text,words", [
-    ("[server]\nport = 'x'\n", "server.port: expected int"),
-    ("[server]\nport = 70000\n[registry]\nurl='sqlite:///a.db'\n", "server.port: 70000"),
-    ("[server]\nhots = 'x'\n", "server.hots: unknown key"),
-    ("[registry]\nurl = 'mysql://x'\n", "registry.url"),
-    ("[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='ftp'\npath='x'\n", "sources[0].kind"),
-    ("[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='filesystem'\n", "sources[0].path: missing"),
-    ("[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='filesystem'\npath='x'\n"
-     "[[sources]]\nname='a'\nkind='filesystem'\npath='y'\n", "used twice"),
-    ("[registry\n", "not valid TOML"),
-    ("[registry]\n", "registry.url: missing"),
-], ids=["port-type", "port-range", "unknown-key", "registry-scheme", "source-kind", "source-path",
-        "duplicate-name", "toml-syntax", "registry-missing"])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("[server]\nport = 'x'\n", "server.port: expected int"),
+        ("[server]\nport = 70000\n[registry]\nurl='sqlite:///a.db'\n", "server.port: 70000"),
+        ("[server]\nhots = 'x'\n", "server.hots: unknown key"),
+        ("[registry]\nurl = 'mysql://x'\n", "registry.url"),
+        (
+            "[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='ftp'\npath='x'\n",
+            "sources[0].kind",
+        ),
+        (
+            "[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='filesystem'\n",
+            "sources[0].path: missing",
+        ),
+        (
+            "[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='filesystem'\npath='x'\n"
+            "[[sources]]\nname='a'\nkind='filesystem'\npath='y'\n",
+            "used twice",
+        ),
+        ("[registry\n", "not valid TOML"),
+        ("[registry]\n", "registry.url: missing"),
+    ],
+    ids=[
+        "port-type",
+        "port-range",
+        "unknown-key",
+        "registry-scheme",
+        "source-kind",
+        "source-path",
+        "duplicate-name",
+        "toml-syntax",
+        "registry-missing",
+    ],
+)
 def test_bad_config_gets_one_line_naming_the_key(tmp_path, text, words):
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, text), env={})

@@ -35,13 +35,19 @@ def running_gateway(folder: Path, work: Path) -> Iterator[str]:
     once the harvest at start has indexed something, and stops the server after."""
     port = free_port()
     config = work / "gateway.toml"
-    config.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
-                      f'[registry]\nurl = "sqlite:///{work / "registry.db"}"\n'
-                      f'[[sources]]\nname = "archive"\nkind = "filesystem"\npath = "{folder}"\n')
+    config.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[registry]\nurl = "sqlite:///{work / "registry.db"}"\n'
+        f'[[sources]]\nname = "archive"\nkind = "filesystem"\npath = "{folder}"\n'
+    )
     log = work / "gateway.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                                   cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -73,8 +79,9 @@ def client(server: str) -> DICOMwebClient:
 
 def test_search_finds_every_study(client):
     studies = client.search_for_studies()
-    expected = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
-                for p in FIXTURES.rglob("*.dcm")}
+    expected = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in FIXTURES.rglob("*.dcm")
+    }
     assert {s["0020000D"]["Value"][0] for s in studies} == expected
 
 
@@ -87,9 +94,11 @@ def test_study_metadata_lists_every_instance(client):
     path = next(FIXTURES.rglob("*multiframe*.dcm"))
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     metadata = client.retrieve_study_metadata(str(ds.StudyInstanceUID))
-    expected = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                for p in FIXTURES.rglob("*.dcm")
-                if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == ds.StudyInstanceUID}
+    expected = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in FIXTURES.rglob("*.dcm")
+        if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == ds.StudyInstanceUID
+    }
     assert {m["00080018"]["Value"][0] for m in metadata} == expected
 
 
@@ -102,8 +111,9 @@ def test_instance_and_every_frame_match_the_source_file(client, path):
     assert (instance.pixel_array == ds.pixel_array).all()
     frames = expected_frames(ds)
     # transfer-syntax=*: frames as stored (what OHIF asks for); the bytes must be the file's.
-    got = client.retrieve_instance_frames(*uids, frame_numbers=list(range(1, len(frames) + 1)),
-                                          media_types=(("application/octet-stream", "*"),))
+    got = client.retrieve_instance_frames(
+        *uids, frame_numbers=list(range(1, len(frames) + 1)), media_types=(("application/octet-stream", "*"),)
+    )
     assert got == frames
 
 
@@ -118,8 +128,10 @@ def test_a_transfer_cut_by_the_source_is_seen_as_incomplete_and_the_server_goes_
         data = (folder / multiframe.name).read_bytes()
         (folder / multiframe.name).write_bytes(data[: len(data) - len(ds.PixelData) // 2])
         frames = ",".join(str(n) for n in range(1, int(ds.NumberOfFrames) + 1))
-        frames_url = (f"{url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-                      f"/instances/{ds.SOPInstanceUID}/frames/{frames}")
+        frames_url = (
+            f"{url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}/frames/{frames}"
+        )
         accept = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
         with pytest.raises(httpx.RemoteProtocolError):
             httpx.get(frames_url, headers=accept, timeout=10)
@@ -134,8 +146,9 @@ def test_a_client_hanging_up_mid_study_does_not_stop_the_server(tmp_path):
     with running_gateway(folder, tmp_path) as url:
         accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
         for _ in range(3):
-            with httpx.stream("GET", f"{url}/studies/{ds.StudyInstanceUID}", headers=accept,
-                              timeout=10) as response:
+            with httpx.stream(
+                "GET", f"{url}/studies/{ds.StudyInstanceUID}", headers=accept, timeout=10
+            ) as response:
                 assert response.status_code == 200
                 next(response.iter_raw(65536))  # read a little, then hang up
         assert httpx.get(f"{url}/studies/{ds.StudyInstanceUID}/metadata", timeout=10).status_code == 200

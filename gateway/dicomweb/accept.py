@@ -11,8 +11,17 @@ from dataclasses import dataclass, field
 
 from gateway.errors import NotAcceptable, RequestError
 
-__all__ = ["MediaRange", "Offer", "parse_accept", "negotiate", "compressed_media_type",
-           "EXPLICIT_LE", "IMPLICIT_LE", "BIG_ENDIAN", "DEFLATED"]
+__all__ = [
+    "MediaRange",
+    "Offer",
+    "parse_accept",
+    "negotiate",
+    "compressed_media_type",
+    "EXPLICIT_LE",
+    "IMPLICIT_LE",
+    "BIG_ENDIAN",
+    "DEFLATED",
+]
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -98,7 +107,9 @@ def parse_accept(header: str | None) -> list[MediaRange]:
 
 def _split(text: str, separator: str) -> list[str]:
     """Split on ``separator`` outside double quotes (type="a;b" stays whole)."""
-    parts, current, quoted = [], [], False
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in text:
         if char == '"':
             quoted = not quoted

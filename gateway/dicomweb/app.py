@@ -14,7 +14,12 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway import __version__
-from gateway.dicomweb.retrieve import retrieve_bulk, retrieve_frames, retrieve_instances, retrieve_metadata
+from gateway.dicomweb.retrieve import (
+    retrieve_bulk,
+    retrieve_frames,
+    retrieve_instances,
+    retrieve_metadata,
+)
 from gateway.dicomweb.search import search
 from gateway.errors import GatewayError
 from gateway.service import Gateway
@@ -44,6 +49,7 @@ def create_app(gateway: Gateway, harvest: bool = False) -> Starlette:
         async def endpoint(request: Request) -> Response:
             scope = scope_of(request) if "study" in request.path_params else {}
             return await search(request, gateway.registry, level, scope, base_url(request))
+
         return endpoint
 
     async def instances(request: Request) -> Response:
@@ -115,6 +121,5 @@ def create_app(gateway: Gateway, harvest: bool = False) -> Starlette:
     return Starlette(
         routes=[Route("/health", health), Mount(PREFIX, routes=routes)],
         lifespan=lifespan,
-        exception_handlers={GatewayError: gateway_error, HTTPException: http_error,
-                            Exception: unexpected},
+        exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: unexpected},
     )

@@ -23,8 +23,9 @@ class MultipartWriter:
     def content_type(self) -> str:
         return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
 
-    def part_header(self, length: int, transfer_syntax: str | None = None,
-                    location: str | None = None) -> bytes:
+    def part_header(
+        self, length: int, transfer_syntax: str | None = None, location: str | None = None
+    ) -> bytes:
         media = self.part_type
         if transfer_syntax:
             media += f"; transfer-syntax={transfer_syntax}"

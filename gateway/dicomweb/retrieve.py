@@ -18,7 +18,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from gateway.dicomweb.accept import (
-    BIG_ENDIAN, DEFLATED, EXPLICIT_LE, IMPLICIT_LE, Offer, compressed_media_type, negotiate,
+    BIG_ENDIAN,
+    DEFLATED,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    Offer,
+    compressed_media_type,
+    negotiate,
     parse_accept,
 )
 from gateway.dicomweb.multipart import MultipartWriter
@@ -49,11 +55,12 @@ def _where(scope: dict[str, str]) -> tuple[str, tuple[str, ...]]:
 
 def _not_found(scope: dict[str, str]) -> NotFound:
     if "SOPInstanceUID" in scope:
-        return NotFound(f"instance {scope['SOPInstanceUID']} not found in series "
-                        f"{scope['SeriesInstanceUID']} of study {scope['StudyInstanceUID']}")
+        return NotFound(
+            f"instance {scope['SOPInstanceUID']} not found in series "
+            f"{scope['SeriesInstanceUID']} of study {scope['StudyInstanceUID']}"
+        )
     if "SeriesInstanceUID" in scope:
-        return NotFound(f"series {scope['SeriesInstanceUID']} not found in study "
-                        f"{scope['StudyInstanceUID']}")
+        return NotFound(f"series {scope['SeriesInstanceUID']} not found in study {scope['StudyInstanceUID']}")
     return NotFound(f"study {scope['StudyInstanceUID']} not found")
 
 
@@ -70,8 +77,10 @@ async def _locations(gateway: Gateway, scope: dict[str, str]) -> list[Location]:
 
 # -- metadata ----------------------------------------------------------------------------------
 
-async def retrieve_metadata(request: Request, gateway: Gateway, scope: dict[str, str],
-                            base_url: str) -> Response:
+
+async def retrieve_metadata(
+    request: Request, gateway: Gateway, scope: dict[str, str], base_url: str
+) -> Response:
     _require_json(request)
     where, params = _where(scope)
     fragments = await anyio.to_thread.run_sync(gateway.registry.metadata, where, params)
@@ -116,26 +125,28 @@ def _instance_offers(location: Location) -> list[Offer]:
     return offers
 
 
-async def retrieve_instances(request: Request, gateway: Gateway, scope: dict[str, str],
-                             base_url: str) -> Response:
+async def retrieve_instances(
+    request: Request, gateway: Gateway, scope: dict[str, str], base_url: str
+) -> Response:
     locations = await _locations(gateway, scope)
     ranges = parse_accept(request.headers.get("accept"))
     plan = [(loc, negotiate(ranges, _instance_offers(loc), "application/dicom")) for loc in locations]
     writer = MultipartWriter("application/dicom")
-    sizes_known = all(offer.transfer_syntax == (loc.TransferSyntaxUID or IMPLICIT_LE)
-                      for loc, offer in plan)
+    sizes_known = all(offer.transfer_syntax == (loc.TransferSyntaxUID or IMPLICIT_LE) for loc, offer in plan)
     headers: dict[str, str] = {}
     if sizes_known:
         total = writer.total_length(
-            (writer.part_header(loc.size, offer.transfer_syntax), loc.size) for loc, offer in plan)
+            (writer.part_header(loc.size, offer.transfer_syntax), loc.size) for loc, offer in plan
+        )
         headers["Content-Length"] = str(total)
 
     async def body() -> AsyncIterator[bytes]:
         for loc, offer in plan:
             source = gateway.source(loc.source)
             if offer.transfer_syntax == (loc.TransferSyntaxUID or IMPLICIT_LE):
-                async for chunk in _part(writer.part_header(loc.size, offer.transfer_syntax),
-                                         source.aiter_instance(loc), writer):
+                async for chunk in _part(
+                    writer.part_header(loc.size, offer.transfer_syntax), source.aiter_instance(loc), writer
+                ):
                     yield chunk
             else:
                 stored = b"".join([chunk async for chunk in source.aiter_instance(loc)])
@@ -147,6 +158,7 @@ async def retrieve_instances(request: Request, gateway: Gateway, scope: dict[str
 
 
 # -- frames --------------------------------------------------------------------------------------
+
 
 def _frame_offers(location: Location) -> list[Offer]:
     stored = location.TransferSyntaxUID or IMPLICIT_LE
@@ -178,22 +190,32 @@ def parse_frame_numbers(text: str, count: int) -> list[int]:
 def _pixel_location(location: Location) -> dict[str, Any]:
     if location.frames is None:
         if location.frame_error:
-            raise SourceError(f"frames of instance {location.SOPInstanceUID} cannot be located in "
-                              f"source {location.source}: {location.frame_error}")
+            raise SourceError(
+                f"frames of instance {location.SOPInstanceUID} cannot be located in "
+                f"source {location.source}: {location.frame_error}"
+            )
         raise NotFound(f"instance {location.SOPInstanceUID} has no pixel data")
     return location.frames
 
 
-async def retrieve_frames(request: Request, gateway: Gateway, scope: dict[str, str],
-                          frame_list: str) -> Response:
+async def retrieve_frames(
+    request: Request, gateway: Gateway, scope: dict[str, str], frame_list: str
+) -> Response:
     (location,) = await _locations(gateway, scope)
     frames = _pixel_location(location)
     numbers = parse_frame_numbers(frame_list, framemap.frame_count(frames))
-    offer = negotiate(parse_accept(request.headers.get("accept")), _frame_offers(location),
-                      "application/octet-stream")
+    offer = negotiate(
+        parse_accept(request.headers.get("accept")), _frame_offers(location), "application/octet-stream"
+    )
     writer = MultipartWriter(offer.part_type)
-    parts = [(writer.part_header(framemap.frame_size(frames, n - 1), offer.transfer_syntax),
-              framemap.frame_size(frames, n - 1), n) for n in numbers]
+    parts = [
+        (
+            writer.part_header(framemap.frame_size(frames, n - 1), offer.transfer_syntax),
+            framemap.frame_size(frames, n - 1),
+            n,
+        )
+        for n in numbers
+    ]
     total = writer.total_length((header, size) for header, size, _ in parts)
     source = gateway.source(location.source)
 
@@ -208,8 +230,8 @@ async def retrieve_frames(request: Request, gateway: Gateway, scope: dict[str, s
 
 # -- bulk data -----------------------------------------------------------------------------------
 
-async def retrieve_bulk(request: Request, gateway: Gateway, scope: dict[str, str],
-                        tag_path: str) -> Response:
+
+async def retrieve_bulk(request: Request, gateway: Gateway, scope: dict[str, str], tag_path: str) -> Response:
     (location,) = await _locations(gateway, scope)
     if tag_path.upper() == "7FE00010":
         frames = _pixel_location(location)
@@ -218,8 +240,11 @@ async def retrieve_bulk(request: Request, gateway: Gateway, scope: dict[str, str
     source = gateway.source(location.source)
     stored = b"".join([chunk async for chunk in source.aiter_instance(location)])
     value = await anyio.to_thread.run_sync(_bulk_value, stored, tag_path, location.SOPInstanceUID)
-    negotiate(parse_accept(request.headers.get("accept")),
-              [Offer("application/octet-stream", EXPLICIT_LE)], "application/octet-stream")
+    negotiate(
+        parse_accept(request.headers.get("accept")),
+        [Offer("application/octet-stream", EXPLICIT_LE)],
+        "application/octet-stream",
+    )
     writer = MultipartWriter("application/octet-stream")
     payload = writer.part_header(len(value)) + value + writer.part_end + writer.closing()
     return Response(payload, media_type=writer.content_type)
@@ -253,6 +278,7 @@ def _bulk_value(stored: bytes, tag_path: str, uid: str) -> bytes:
 
 # -- streaming ------------------------------------------------------------------------------------
 
+
 async def _part(header: bytes, data: AsyncIterator[bytes], writer: MultipartWriter) -> AsyncIterator[bytes]:
     """One multipart part whose header is yielded only once the source delivered its first chunk,
     so that a source failing on the first part fails the request before any byte is sent."""
@@ -263,8 +289,9 @@ async def _part(header: bytes, data: AsyncIterator[bytes], writer: MultipartWrit
     yield writer.part_end
 
 
-async def _stream(body: AsyncIterator[bytes], request: Request, media_type: str,
-                  headers: dict[str, str]) -> StreamingResponse:
+async def _stream(
+    body: AsyncIterator[bytes], request: Request, media_type: str, headers: dict[str, str]
+) -> StreamingResponse:
     """Start ``body`` before the response: errors up to its first chunk become a clean 4xx/5xx.
     Later errors are logged and re-raised, so the server aborts the connection instead of ending
     the response cleanly (a cut response must not look complete)."""

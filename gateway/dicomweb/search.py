@@ -26,7 +26,8 @@ __all__ = ["search", "DICOM_JSON"]
 DICOM_JSON = "application/dicom+json"
 _NUMBERS = {"IS": int, "US": int, "UL": int, "SS": int, "SL": int, "DS": float, "FL": float, "FD": float}
 _HELD = {k for columns in LEVEL_COLUMNS.values() for k in columns} | {
-    k for computed in COMPUTED.values() for k in computed}
+    k for computed in COMPUTED.values() for k in computed
+}
 _TAGS: dict[str, str] = {}
 
 
@@ -37,15 +38,18 @@ def _tag(keyword: str) -> str:
     return tag
 
 
-async def search(request: Request, registry: Registry, level: str, scope: dict[str, str],
-                 base_url: str) -> Response:
+async def search(
+    request: Request, registry: Registry, level: str, scope: dict[str, str], base_url: str
+) -> Response:
     query = parse_qido(request.query_params.multi_items(), level, scope)
     results, cut = await anyio.to_thread.run_sync(_run, registry, query, base_url)
     headers = {}
     if cut:
         # PS3.18 8.3.4.4: tell the client that more results exist than were returned.
-        headers["Warning"] = (f'299 gateway "The number of results exceeded the maximum supported '
-                              f'by the server ({MAX_RESULTS}). Additional results can be requested."')
+        headers["Warning"] = (
+            f'299 gateway "The number of results exceeded the maximum supported '
+            f'by the server ({MAX_RESULTS}). Additional results can be requested."'
+        )
     return Response(orjson.dumps(results), media_type=DICOM_JSON, headers=headers)
 
 
@@ -64,8 +68,9 @@ def _run(registry: Registry, query: Query, base_url: str) -> tuple[list[dict[str
 
 
 def _level_attributes(level: str) -> list[str]:
-    order = {"study": ("study",), "series": ("study", "series"),
-             "instance": ("study", "series", "instance")}[level]
+    order = {"study": ("study",), "series": ("study", "series"), "instance": ("study", "series", "instance")}[
+        level
+    ]
     out: list[str] = []
     for name in order:
         out += list(LEVEL_COLUMNS[name]) + list(COMPUTED[name])
@@ -76,16 +81,17 @@ def _check_scope(registry: Registry, scope: dict[str, str]) -> None:
     study = scope.get("StudyInstanceUID")
     series = scope.get("SeriesInstanceUID")
     if series is not None:
-        if not registry.query("SELECT 1 FROM series WHERE SeriesInstanceUID=? AND StudyInstanceUID=?",
-                              (series, study)):
+        if not registry.query(
+            "SELECT 1 FROM series WHERE SeriesInstanceUID=? AND StudyInstanceUID=?", (series, study)
+        ):
             raise NotFound(f"series {series} not found in study {study}")
-    elif study is not None and not registry.query(
-            "SELECT 1 FROM studies WHERE StudyInstanceUID=?", (study,)):
+    elif study is not None and not registry.query("SELECT 1 FROM studies WHERE StudyInstanceUID=?", (study,)):
         raise NotFound(f"study {study} not found")
 
 
-def _result(registry: Registry, level: str, row: sqlite3.Row, returned: list[str],
-            extra: list[str], base_url: str) -> dict[str, Any]:
+def _result(
+    registry: Registry, level: str, row: sqlite3.Row, returned: list[str], extra: list[str], base_url: str
+) -> dict[str, Any]:
     keys = row.keys()
     out: dict[str, Any] = {"00080005": {"vr": "CS", "Value": ["ISO_IR 192"]}}
     for keyword in returned:
@@ -122,13 +128,17 @@ def _element(keyword: str, value: Any) -> dict[str, Any]:
 
 def _stored_metadata(registry: Registry, level: str, row: sqlite3.Row) -> dict[str, Any]:
     if level == "instance":
-        found = registry.query("SELECT metadata FROM instances WHERE SOPInstanceUID=?",
-                               (row["SOPInstanceUID"],))
+        found = registry.query(
+            "SELECT metadata FROM instances WHERE SOPInstanceUID=?", (row["SOPInstanceUID"],)
+        )
     elif level == "series":
-        found = registry.query("SELECT metadata FROM instances WHERE SeriesInstanceUID=? LIMIT 1",
-                               (row["SeriesInstanceUID"],))
+        found = registry.query(
+            "SELECT metadata FROM instances WHERE SeriesInstanceUID=? LIMIT 1", (row["SeriesInstanceUID"],)
+        )
     else:
         found = registry.query(
             "SELECT i.metadata FROM instances i JOIN series se ON se.SeriesInstanceUID = "
-            "i.SeriesInstanceUID WHERE se.StudyInstanceUID=? LIMIT 1", (row["StudyInstanceUID"],))
+            "i.SeriesInstanceUID WHERE se.StudyInstanceUID=? LIMIT 1",
+            (row["StudyInstanceUID"],),
+        )
     return orjson.loads(found[0][0]) if found else {}

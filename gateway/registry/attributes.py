@@ -10,23 +10,50 @@ from __future__ import annotations
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 __all__ = [
-    "PATIENT", "STUDY", "SERIES", "INSTANCE", "LEVEL_COLUMNS", "MATCHING", "DEFAULTS",
-    "COMPUTED", "vr_of", "resolve_attribute",
+    "PATIENT",
+    "STUDY",
+    "SERIES",
+    "INSTANCE",
+    "LEVEL_COLUMNS",
+    "MATCHING",
+    "DEFAULTS",
+    "COMPUTED",
+    "vr_of",
+    "resolve_attribute",
 ]
 
 PATIENT = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex")
 STUDY = (
-    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-    "ReferringPhysicianName", "StudyDescription", "TimezoneOffsetFromUTC",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "TimezoneOffsetFromUTC",
 )
 SERIES = (
-    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
-    "SeriesTime", "BodyPartExamined", "PerformedProcedureStepStartDate",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
+    "PerformedProcedureStepStartDate",
     "PerformedProcedureStepStartTime",
 )
 INSTANCE = (
-    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
-    "NumberOfFrames", "ContentDate", "ContentTime",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "NumberOfFrames",
+    "ContentDate",
+    "ContentTime",
 )
 
 LEVEL_COLUMNS = {"study": PATIENT + STUDY, "series": SERIES, "instance": INSTANCE}
@@ -49,19 +76,44 @@ MATCHING = {
 # Default return attributes (PS3.18 Table 10.6.3-3 study, -4 series, -5 instance).
 DEFAULTS = {
     "study": (
-        "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
-        "ReferringPhysicianName", "TimezoneOffsetFromUTC", "PatientName", "PatientID",
-        "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
-        "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ModalitiesInStudy",
+        "ReferringPhysicianName",
+        "TimezoneOffsetFromUTC",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyID",
+        "StudyDescription",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
     ),
     "series": (
-        "Modality", "TimezoneOffsetFromUTC", "SeriesDescription", "SeriesInstanceUID",
-        "SeriesNumber", "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
-        "PerformedProcedureStepStartTime", "StudyInstanceUID",
+        "Modality",
+        "TimezoneOffsetFromUTC",
+        "SeriesDescription",
+        "SeriesInstanceUID",
+        "SeriesNumber",
+        "NumberOfSeriesRelatedInstances",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+        "StudyInstanceUID",
     ),
     "instance": (
-        "SOPClassUID", "SOPInstanceUID", "TimezoneOffsetFromUTC", "InstanceNumber", "Rows",
-        "Columns", "BitsAllocated", "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "TimezoneOffsetFromUTC",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "NumberOfFrames",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
     ),
 }
 

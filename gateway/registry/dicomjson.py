@@ -28,27 +28,50 @@ INLINE_LIMIT = 1024
 MAX_DEPTH = 32  # hostile files: refuse sequences nested deeper than any real IOD
 
 _BINARY = {"OB": 1, "OW": 2, "OF": 4, "OD": 8, "OL": 4, "OV": 8, "UN": 1}
-_NUMBERS = {"US": ("H", 2), "SS": ("h", 2), "UL": ("I", 4), "SL": ("i", 4), "FL": ("f", 4),
-            "FD": ("d", 8), "SV": ("q", 8), "UV": ("Q", 8)}
+_NUMBERS = {
+    "US": ("H", 2),
+    "SS": ("h", 2),
+    "UL": ("I", 4),
+    "SL": ("i", 4),
+    "FL": ("f", 4),
+    "FD": ("d", 8),
+    "SV": ("q", 8),
+    "UV": ("Q", 8),
+}
 _SINGLE_VALUED = {"LT", "ST", "UT", "UR"}  # no backslash splitting (PS3.5 6.2)
 _TEXT = {"SH", "LO", "ST", "LT", "UC", "UT", "PN"}  # affected by Specific Character Set
 # Character sets where byte 0x5C is always the delimiter, so split-then-decode is exact.
 _SIMPLE_CHARSETS = {
-    "", "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 144",
-    "ISO_IR 127", "ISO_IR 126", "ISO_IR 138", "ISO_IR 148", "ISO_IR 166", "ISO_IR 203", "ISO_IR 192",
+    "",
+    "ISO_IR 6",
+    "ISO_IR 100",
+    "ISO_IR 101",
+    "ISO_IR 109",
+    "ISO_IR 110",
+    "ISO_IR 144",
+    "ISO_IR 127",
+    "ISO_IR 126",
+    "ISO_IR 138",
+    "ISO_IR 148",
+    "ISO_IR 166",
+    "ISO_IR 203",
+    "ISO_IR 192",
 }
 
 BulkURI = Callable[[str], str]
 
 
-def dataset_json(ds: Dataset, bulk_uri: BulkURI, charset: list[str] | None = None,
-                 prefix: str = "", depth: int = 0) -> dict[str, Any]:
+def dataset_json(
+    ds: Dataset, bulk_uri: BulkURI, charset: list[str] | None = None, prefix: str = "", depth: int = 0
+) -> dict[str, Any]:
     """The DICOM JSON object of ``ds``; ``bulk_uri(tag_path)`` names large binary values."""
     if depth > MAX_DEPTH:
         raise DicomFileError(f"sequences nested deeper than {MAX_DEPTH} levels")
     if charset is None or "SpecificCharacterSet" in ds:
         charset = _charsets(ds)
-    encoding = python_encoding.get(charset[0]) if len(charset) == 1 and charset[0] in _SIMPLE_CHARSETS else None
+    encoding = (
+        python_encoding.get(charset[0]) if len(charset) == 1 and charset[0] in _SIMPLE_CHARSETS else None
+    )
     out: dict[str, Any] = {}
     for tag in ds.keys():
         element = ds.get_item(tag)
@@ -85,8 +108,9 @@ def _charsets(ds: Dataset) -> list[str]:
     return names or [""]
 
 
-def _fast(element: RawDataElement, encoding: str | None, bulk_uri: BulkURI,
-          path: str) -> dict[str, Any] | None:
+def _fast(
+    element: RawDataElement, encoding: str | None, bulk_uri: BulkURI, path: str
+) -> dict[str, Any] | None:
     """JSON for one raw element, or None to let pydicom convert it."""
     vr = element.VR
     if vr is None or vr == "UN":
@@ -122,8 +146,11 @@ def _fast(element: RawDataElement, encoding: str | None, bulk_uri: BulkURI,
         return None  # ISO 2022 or a multi-byte set: pydicom decodes these correctly
     pieces = [raw] if vr in _SINGLE_VALUED else raw.split(b"\\")
     try:
-        text = [p.decode(encoding or "ascii") for p in pieces] if vr in _TEXT else [
-            p.decode("ascii") for p in pieces]
+        text = (
+            [p.decode(encoding or "ascii") for p in pieces]
+            if vr in _TEXT
+            else [p.decode("ascii") for p in pieces]
+        )
     except UnicodeDecodeError:
         return None
     if vr in _SINGLE_VALUED or vr in ("LT", "ST", "UT"):
@@ -160,13 +187,16 @@ def _person_name(text: str) -> dict[str, str]:
     return {key: group for key, group in zip(("Alphabetic", "Ideographic", "Phonetic"), groups) if group}
 
 
-def _slow(ds: Dataset, tag: Any, bulk_uri: BulkURI, charset: list[str], path: str,
-          depth: int) -> dict[str, Any]:
+def _slow(
+    ds: Dataset, tag: Any, bulk_uri: BulkURI, charset: list[str], path: str, depth: int
+) -> dict[str, Any]:
     element = ds[tag]  # pydicom converts, resolving ambiguous VRs and character sets
     vr = element.VR
     if vr == "SQ":
-        items = [dataset_json(item, bulk_uri, charset, f"{path}/{index}/", depth + 1)
-                 for index, item in enumerate(element.value or [])]
+        items = [
+            dataset_json(item, bulk_uri, charset, f"{path}/{index}/", depth + 1)
+            for index, item in enumerate(element.value or [])
+        ]
         return {"vr": vr, "Value": items} if items else {"vr": vr}
     try:
         return element.to_json_dict(lambda _: bulk_uri(path), INLINE_LIMIT)

@@ -59,12 +59,14 @@ def harvest(
                 if record is None:
                     stats.failed += 1
                     log.warning("source %s: %s not indexed: %s", source.name, entry.path, reason)
-                    registry.put_reject(conn, source.name, entry.path, entry.size, entry.mtime_ns,
-                                        reason or "unreadable")
+                    registry.put_reject(
+                        conn, source.name, entry.path, entry.size, entry.mtime_ns, reason or "unreadable"
+                    )
                 else:
                     stats.indexed += 1
-                    registry.put_instance(conn, source.name, entry.path, entry.size, entry.mtime_ns,
-                                          record, pixel)
+                    registry.put_instance(
+                        conn, source.name, entry.path, entry.size, entry.mtime_ns, record, pixel
+                    )
         if progress:
             progress(stats)
 
@@ -105,11 +107,18 @@ def harvest(
             for path in gone:
                 registry.remove_path(conn, source.name, path)
         stats.removed = len(gone)
-    stats.finished = time.time()
+    stats.finished = finished = time.time()
     registry.record_run(stats)
     if progress:
         progress(stats)
-    log.info("source %s: seen %d, indexed %d, skipped %d, failed %d, removed %d in %.1f s",
-             source.name, stats.seen, stats.indexed, stats.skipped, stats.failed, stats.removed,
-             stats.finished - stats.started)
+    log.info(
+        "source %s: seen %d, indexed %d, skipped %d, failed %d, removed %d in %.1f s",
+        source.name,
+        stats.seen,
+        stats.indexed,
+        stats.skipped,
+        stats.failed,
+        stats.removed,
+        finished - (stats.started or finished),
+    )
     return stats

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import QueryError
-from gateway.registry.attributes import COMPUTED, DEFAULTS, MATCHING, PATIENT, SERIES, STUDY, vr_of, resolve_attribute
+from gateway.registry.attributes import (
+    COMPUTED,
+    DEFAULTS,
+    MATCHING,
+    PATIENT,
+    SERIES,
+    STUDY,
+    resolve_attribute,
+    vr_of,
+)
 from gateway.registry.record import fold_text, normalize_time
 
 __all__ = ["Match", "Query", "parse_qido", "compile_query", "MAX_RESULTS"]
@@ -94,8 +103,16 @@ def parse_qido(params: Iterable[tuple[str, str]], level: str, scope: dict[str, s
             if keyword in matches:
                 raise QueryError(f"{name}: given more than once")
             matches[keyword] = _match(keyword, value)
-    return Query(level, tuple(matches.values()), tuple(includefields), include_all, fuzzy, limit,
-                 offset, dict(scope or {}))
+    return Query(
+        level,
+        tuple(matches.values()),
+        tuple(includefields),
+        include_all,
+        fuzzy,
+        limit,
+        offset,
+        dict(scope or {}),
+    )
 
 
 def _attribute(name: str, what: str) -> str:
@@ -148,10 +165,10 @@ _ALIAS = {**{k: "p" for k in PATIENT}, **{k: "st" for k in STUDY}, **{k: "se" fo
 _FROM = {
     "study": "studies st JOIN patients p ON p.id = st.patient",
     "series": "series se JOIN studies st ON st.StudyInstanceUID = se.StudyInstanceUID "
-              "JOIN patients p ON p.id = st.patient",
+    "JOIN patients p ON p.id = st.patient",
     "instance": "instances i JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
-                "JOIN studies st ON st.StudyInstanceUID = se.StudyInstanceUID "
-                "JOIN patients p ON p.id = st.patient",
+    "JOIN studies st ON st.StudyInstanceUID = se.StudyInstanceUID "
+    "JOIN patients p ON p.id = st.patient",
 }
 _ORDER = {
     "study": "st.StudyDate DESC, st.StudyTime_norm DESC, st.StudyInstanceUID",
@@ -175,28 +192,49 @@ def compile_query(query: Query) -> tuple[str, list[Any], int]:
         params.append(uid)
     for match in query.matches:
         _condition(match, query.fuzzy, where, params)
-    selects = ["p.*", "st.*"] + (["se.*"] if query.level != "study" else []) + (
-        ["i.SOPInstanceUID", "i.SOPClassUID", "i.InstanceNumber", "i.Rows", "i.Columns",
-         "i.BitsAllocated", "i.NumberOfFrames"] if query.level == "instance" else [])
+    selects = (
+        ["p.*", "st.*"]
+        + (["se.*"] if query.level != "study" else [])
+        + (
+            [
+                "i.SOPInstanceUID",
+                "i.SOPClassUID",
+                "i.InstanceNumber",
+                "i.Rows",
+                "i.Columns",
+                "i.BitsAllocated",
+                "i.NumberOfFrames",
+            ]
+            if query.level == "instance"
+            else []
+        )
+    )
     returned = set(query.returned) | (set(COMPUTED[query.level]) if query.include_all else set())
     if returned & set(COMPUTED["study"]):
         selects.append(
             "(SELECT GROUP_CONCAT(DISTINCT x.Modality) FROM series x "
-            "WHERE x.StudyInstanceUID = st.StudyInstanceUID) AS ModalitiesInStudy")
+            "WHERE x.StudyInstanceUID = st.StudyInstanceUID) AS ModalitiesInStudy"
+        )
         selects.append(
             "(SELECT COUNT(*) FROM series x WHERE x.StudyInstanceUID = st.StudyInstanceUID) "
-            "AS NumberOfStudyRelatedSeries")
+            "AS NumberOfStudyRelatedSeries"
+        )
         selects.append(
             "(SELECT COUNT(*) FROM series x JOIN instances y ON y.SeriesInstanceUID = "
             "x.SeriesInstanceUID WHERE x.StudyInstanceUID = st.StudyInstanceUID) "
-            "AS NumberOfStudyRelatedInstances")
+            "AS NumberOfStudyRelatedInstances"
+        )
     if query.level != "study" and "NumberOfSeriesRelatedInstances" in returned:
-        selects.append("(SELECT COUNT(*) FROM instances y WHERE y.SeriesInstanceUID = "
-                       "se.SeriesInstanceUID) AS NumberOfSeriesRelatedInstances")
+        selects.append(
+            "(SELECT COUNT(*) FROM instances y WHERE y.SeriesInstanceUID = "
+            "se.SeriesInstanceUID) AS NumberOfSeriesRelatedInstances"
+        )
     limit = min(query.limit if query.limit is not None else MAX_RESULTS, MAX_RESULTS)
-    sql = (f"SELECT {', '.join(selects)} FROM {_FROM[query.level]}"
-           + (f" WHERE {' AND '.join(where)}" if where else "")
-           + f" ORDER BY {_ORDER[query.level]} LIMIT ? OFFSET ?")
+    sql = (
+        f"SELECT {', '.join(selects)} FROM {_FROM[query.level]}"
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + f" ORDER BY {_ORDER[query.level]} LIMIT ? OFFSET ?"
+    )
     params += [limit + 1, query.offset]  # one more row tells whether the page was cut
     return sql, params, limit
 
@@ -208,8 +246,10 @@ def _condition(match: Match, fuzzy: bool, where: list[str], params: list[Any]) -
     if keyword == "ModalitiesInStudy":
         inner: list[str] = []
         _condition(Match("Modality", kind, values), fuzzy, inner, params)
-        where.append("EXISTS (SELECT 1 FROM series m WHERE m.StudyInstanceUID = st.StudyInstanceUID"
-                     f" AND {inner[0].replace('se.', 'm.')})")
+        where.append(
+            "EXISTS (SELECT 1 FROM series m WHERE m.StudyInstanceUID = st.StudyInstanceUID"
+            f" AND {inner[0].replace('se.', 'm.')})"
+        )
         return
     col = column(keyword)
     vr = vr_of(keyword)
@@ -246,8 +286,9 @@ def _condition(match: Match, fuzzy: bool, where: list[str], params: list[Any]) -
         params.append(values[0])
 
 
-def _name_condition(col: str, kind: str, value: str, fuzzy: bool, where: list[str],
-                    params: list[Any]) -> None:
+def _name_condition(
+    col: str, kind: str, value: str, fuzzy: bool, where: list[str], params: list[Any]
+) -> None:
     folded = fold_text(value)
     if fuzzy:
         # Each query word must begin some component of the name (family, given, ...).
@@ -276,4 +317,4 @@ def _glob(pattern: str) -> str:
 def _time_upper(value: str) -> str:
     """The last instant a partial TM upper bound covers: '15' means up to 15:59:59.999999."""
     whole, _, fraction = value.partition(".")
-    return whole + "5959"[len(whole) - 2:] + "." + (fraction + "999999")[:6]
+    return whole + "5959"[len(whole) - 2 :] + "." + (fraction + "999999")[:6]

@@ -36,8 +36,11 @@ class InstanceRecord:
 
     @property
     def uids(self) -> tuple[str, str, str]:
-        return (self.study["StudyInstanceUID"], self.series["SeriesInstanceUID"],
-                self.instance["SOPInstanceUID"])
+        return (
+            self.study["StudyInstanceUID"],
+            self.series["SeriesInstanceUID"],
+            self.instance["SOPInstanceUID"],
+        )
 
 
 def fold_text(value: str) -> str:
@@ -58,7 +61,7 @@ def normalize_time(value: str) -> str:
     """TM as HHMMSS.FFFFFF so that string order is time order (PS3.5 6.2: HH, HHMM are valid)."""
     value = value.strip().replace(":", "")
     whole, _, fraction = value.partition(".")
-    return (whole + "000000"[len(whole):]) + "." + (fraction + "000000")[:6]
+    return (whole + "000000"[len(whole) :]) + "." + (fraction + "000000")[:6]
 
 
 def build_record(ds: Dataset, pixel: PixelInfo | None) -> InstanceRecord:
@@ -81,15 +84,28 @@ def _build_record(ds: Dataset, pixel: PixelInfo | None) -> InstanceRecord:
         body["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
     if pixel is not None:
         body["7FE00010"] = {"vr": pixel.vr, "BulkDataURI": base + "7FE00010"}
-    columns = {level: _columns(body, keys) for level, keys in
-               (("patient", PATIENT), ("study", STUDY), ("series", SERIES), ("instance", INSTANCE))}
+    columns = {
+        level: _columns(body, keys)
+        for level, keys in (
+            ("patient", PATIENT),
+            ("study", STUDY),
+            ("series", SERIES),
+            ("instance", INSTANCE),
+        )
+    }
     columns["patient"].setdefault("PatientID", "")
     columns["patient"].setdefault("IssuerOfPatientID", "")
-    for level, keyword, uid in zip(("study", "series", "instance"),
-                                   ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), uids):
+    for level, keyword, uid in zip(
+        ("study", "series", "instance"), ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), uids
+    ):
         columns[level][keyword] = uid
-    return InstanceRecord(columns["patient"], columns["study"], columns["series"],
-                          columns["instance"], orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    return InstanceRecord(
+        columns["patient"],
+        columns["study"],
+        columns["series"],
+        columns["instance"],
+        orjson.dumps(body, option=orjson.OPT_SORT_KEYS),
+    )
 
 
 def _columns(body: dict[str, Any], keywords: tuple[str, ...]) -> dict[str, Any]:
@@ -97,7 +113,9 @@ def _columns(body: dict[str, Any], keywords: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for keyword in keywords:
         element = body.get(_TAGS[keyword])
-        values = element.get("Value") if element else None
+        if element is None:
+            continue
+        values = element.get("Value")
         if not values or values[0] is None:
             continue
         if element["vr"] == "PN":
@@ -132,4 +150,3 @@ def person_name_json(value: str) -> dict[str, str]:
         if group:
             out[key] = group
     return out
-

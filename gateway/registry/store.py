@@ -143,8 +143,7 @@ class Registry:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                       check_same_thread=False)
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             except sqlite3.Error as exc:
                 raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
             conn.row_factory = sqlite3.Row
@@ -193,8 +192,16 @@ class Registry:
             states[row["path"]] = FileState(row["size"], row["mtime_ns"], True)
         return states
 
-    def put_instance(self, conn: sqlite3.Connection, source: str, path: str, size: int,
-                     mtime_ns: int, record: InstanceRecord, pixel: PixelInfo | None) -> None:
+    def put_instance(
+        self,
+        conn: sqlite3.Connection,
+        source: str,
+        path: str,
+        size: int,
+        mtime_ns: int,
+        record: InstanceRecord,
+        pixel: PixelInfo | None,
+    ) -> None:
         """Insert or replace one instance and its location (inside a harvest transaction)."""
         self._forget_path(conn, source, path)
         patient_id = self._upsert_patient(conn, record.patient)
@@ -206,57 +213,74 @@ class Registry:
         _upsert(conn, "instances", instance, "SOPInstanceUID")
         conn.execute(
             "INSERT OR REPLACE INTO locations VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (source, path, size, mtime_ns, record.uids[2],
-             pixel.transfer_syntax if pixel else None, pixel.mode if pixel else None,
-             int(pixel.encapsulated) if pixel else 0,
-             orjson.dumps(pixel.frames) if pixel and pixel.frames is not None else None,
-             pixel.frame_error if pixel else None, pixel.swap_width if pixel else 0),
+            (
+                source,
+                path,
+                size,
+                mtime_ns,
+                record.uids[2],
+                pixel.transfer_syntax if pixel else None,
+                pixel.mode if pixel else None,
+                int(pixel.encapsulated) if pixel else 0,
+                orjson.dumps(pixel.frames) if pixel and pixel.frames is not None else None,
+                pixel.frame_error if pixel else None,
+                pixel.swap_width if pixel else 0,
+            ),
         )
 
-    def put_reject(self, conn: sqlite3.Connection, source: str, path: str, size: int,
-                   mtime_ns: int, reason: str) -> None:
+    def put_reject(
+        self, conn: sqlite3.Connection, source: str, path: str, size: int, mtime_ns: int, reason: str
+    ) -> None:
         self._forget_path(conn, source, path)
-        conn.execute("INSERT OR REPLACE INTO rejects VALUES (?,?,?,?,?)",
-                     (source, path, size, mtime_ns, reason))
+        conn.execute(
+            "INSERT OR REPLACE INTO rejects VALUES (?,?,?,?,?)", (source, path, size, mtime_ns, reason)
+        )
 
     def remove_path(self, conn: sqlite3.Connection, source: str, path: str) -> None:
         self._forget_path(conn, source, path)
 
     def _forget_path(self, conn: sqlite3.Connection, source: str, path: str) -> None:
         conn.execute("DELETE FROM rejects WHERE source=? AND path=?", (source, path))
-        row = conn.execute("SELECT SOPInstanceUID FROM locations WHERE source=? AND path=?",
-                           (source, path)).fetchone()
+        row = conn.execute(
+            "SELECT SOPInstanceUID FROM locations WHERE source=? AND path=?", (source, path)
+        ).fetchone()
         if row is None:
             return
         conn.execute("DELETE FROM locations WHERE source=? AND path=?", (source, path))
         uid = row[0]
         if conn.execute("SELECT 1 FROM locations WHERE SOPInstanceUID=?", (uid,)).fetchone():
             return  # the instance is still held elsewhere
-        series = conn.execute("SELECT SeriesInstanceUID FROM instances WHERE SOPInstanceUID=?",
-                              (uid,)).fetchone()
+        series = conn.execute(
+            "SELECT SeriesInstanceUID FROM instances WHERE SOPInstanceUID=?", (uid,)
+        ).fetchone()
         conn.execute("DELETE FROM instances WHERE SOPInstanceUID=?", (uid,))
         if series is None:
             return
         series_uid = series[0]
         if conn.execute("SELECT 1 FROM instances WHERE SeriesInstanceUID=?", (series_uid,)).fetchone():
             return
-        study = conn.execute("SELECT StudyInstanceUID FROM series WHERE SeriesInstanceUID=?",
-                             (series_uid,)).fetchone()
+        study = conn.execute(
+            "SELECT StudyInstanceUID FROM series WHERE SeriesInstanceUID=?", (series_uid,)
+        ).fetchone()
         conn.execute("DELETE FROM series WHERE SeriesInstanceUID=?", (series_uid,))
-        if study is None or conn.execute("SELECT 1 FROM series WHERE StudyInstanceUID=?",
-                                          (study[0],)).fetchone():
+        if (
+            study is None
+            or conn.execute("SELECT 1 FROM series WHERE StudyInstanceUID=?", (study[0],)).fetchone()
+        ):
             return
-        patient = conn.execute("SELECT patient FROM studies WHERE StudyInstanceUID=?",
-                               (study[0],)).fetchone()
+        patient = conn.execute("SELECT patient FROM studies WHERE StudyInstanceUID=?", (study[0],)).fetchone()
         conn.execute("DELETE FROM studies WHERE StudyInstanceUID=?", (study[0],))
-        if patient is not None and not conn.execute(
-            "SELECT 1 FROM studies WHERE patient=?", (patient[0],)
-        ).fetchone():
+        if (
+            patient is not None
+            and not conn.execute("SELECT 1 FROM studies WHERE patient=?", (patient[0],)).fetchone()
+        ):
             conn.execute("DELETE FROM patients WHERE id=?", (patient[0],))
 
     def _upsert_patient(self, conn: sqlite3.Connection, patient: dict[str, Any]) -> int:
-        row = conn.execute("SELECT id FROM patients WHERE PatientID=? AND IssuerOfPatientID=?",
-                           (patient["PatientID"], patient["IssuerOfPatientID"])).fetchone()
+        row = conn.execute(
+            "SELECT id FROM patients WHERE PatientID=? AND IssuerOfPatientID=?",
+            (patient["PatientID"], patient["IssuerOfPatientID"]),
+        ).fetchone()
         values = {c: patient.get(c) for c in PATIENT_COLUMNS}
         if row is None:
             cursor = conn.execute(
@@ -264,8 +288,10 @@ class Registry:
                 tuple(values.values()),
             )
             return int(cursor.lastrowid or 0)
-        conn.execute(f"UPDATE patients SET {', '.join(f'{c}=?' for c in values)} WHERE id=?",
-                     (*values.values(), row[0]))
+        conn.execute(
+            f"UPDATE patients SET {', '.join(f'{c}=?' for c in values)} WHERE id=?",
+            (*values.values(), row[0]),
+        )
         return int(row[0])
 
     def record_run(self, stats: SourceStats) -> None:
@@ -273,9 +299,20 @@ class Registry:
             stats.instances = conn.execute(
                 "SELECT COUNT(DISTINCT SOPInstanceUID) FROM locations WHERE source=?", (stats.name,)
             ).fetchone()[0]
-            conn.execute("INSERT OR REPLACE INTO sources VALUES (?,?,?,?,?,?,?,?,?)",
-                         (stats.name, stats.started, stats.finished or time.time(), stats.seen,
-                          stats.indexed, stats.skipped, stats.failed, stats.removed, stats.instances))
+            conn.execute(
+                "INSERT OR REPLACE INTO sources VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    stats.name,
+                    stats.started,
+                    stats.finished or time.time(),
+                    stats.seen,
+                    stats.indexed,
+                    stats.skipped,
+                    stats.failed,
+                    stats.removed,
+                    stats.instances,
+                ),
+            )
 
     def source_runs(self) -> list[SourceStats]:
         return [SourceStats(**dict(row)) for row in self.query("SELECT * FROM sources ORDER BY name")]
@@ -297,12 +334,18 @@ class Registry:
             if row["SOPInstanceUID"] in seen:
                 continue  # one location per instance for now; federation picks among them later
             seen[row["SOPInstanceUID"]] = Location(
-                source=row["source"], path=row["path"], size=row["size"],
-                SOPInstanceUID=row["SOPInstanceUID"], SeriesInstanceUID=row["SeriesInstanceUID"],
-                StudyInstanceUID=row["StudyInstanceUID"], TransferSyntaxUID=row["TransferSyntaxUID"],
-                mode=row["mode"], encapsulated=bool(row["encapsulated"]),
+                source=row["source"],
+                path=row["path"],
+                size=row["size"],
+                SOPInstanceUID=row["SOPInstanceUID"],
+                SeriesInstanceUID=row["SeriesInstanceUID"],
+                StudyInstanceUID=row["StudyInstanceUID"],
+                TransferSyntaxUID=row["TransferSyntaxUID"],
+                mode=row["mode"],
+                encapsulated=bool(row["encapsulated"]),
                 frames=orjson.loads(row["frames"]) if row["frames"] is not None else None,
-                frame_error=row["frame_error"], swap=row["swap"] or 0,
+                frame_error=row["frame_error"],
+                swap=row["swap"] or 0,
             )
         return list(seen.values())
 
@@ -317,8 +360,10 @@ class Registry:
         return [row[0] for row in rows]
 
     def counts(self) -> dict[str, int]:
-        return {table: self.query(f"SELECT COUNT(*) FROM {table}")[0][0]
-                for table in ("patients", "studies", "series", "instances", "locations", "rejects")}
+        return {
+            table: self.query(f"SELECT COUNT(*) FROM {table}")[0][0]
+            for table in ("patients", "studies", "series", "instances", "locations", "rejects")
+        }
 
 
 def _upsert(conn: sqlite3.Connection, table: str, values: dict[str, Any], key: str) -> None:

@@ -23,10 +23,10 @@ import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
-    UID,
 )
 
 from gateway.errors import DicomFileError
@@ -55,7 +55,7 @@ class PixelInfo:
     vr: str  # the Pixel Data VR as stored: OB or OW
     value_offset: int  # first byte of the value (native) or of the first item (encapsulated)
     value_length: int  # bytes of the value; -1 for undefined length
-    frames: dict[str, object] | None  # packed frame map, None when frames cannot be located
+    frames: framemap.Packed | None  # packed frame map, None when frames cannot be located
     frame_error: str | None = None  # why frames cannot be located, for the 5xx message
     swap_width: int = 0  # 2 or 4 for big endian words
 
@@ -118,7 +118,7 @@ def _pixel_info(fp: BinaryIO, ds: Dataset, size: int) -> PixelInfo | None:
         value_offset = position + 12
     count = int(ds.get("NumberOfFrames", 1) or 1)
     encapsulated = length == _UNDEFINED
-    frames: dict[str, object] | None = None
+    frames: framemap.Packed | None = None
     error: str | None = None
 
     def read_at(offset: int, n: int) -> bytes:
@@ -131,9 +131,14 @@ def _pixel_info(fp: BinaryIO, ds: Dataset, size: int) -> PixelInfo | None:
             frames = framemap.pack(framemap.encapsulated_map(read_at, value_offset, size, count, extended))
         else:
             if value_offset + length > size:
-                raise DicomFileError(f"pixel data is truncated: file ends {value_offset + length - size} bytes early")
+                raise DicomFileError(
+                    f"pixel data is truncated: file ends {value_offset + length - size} bytes early"
+                )
             frame_len = framemap.frame_length(
-                int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 16))
+                int(ds.Rows),
+                int(ds.Columns),
+                int(ds.get("SamplesPerPixel", 1)),
+                int(ds.get("BitsAllocated", 16)),
             )
             frames = framemap.pack(framemap.native_map(value_offset, length, frame_len, count))
     except DicomFileError as exc:
@@ -141,8 +146,9 @@ def _pixel_info(fp: BinaryIO, ds: Dataset, size: int) -> PixelInfo | None:
     bits = int(ds.get("BitsAllocated", 8))
     swap = 0 if little or encapsulated or bits <= 8 else bits // 8
     mode = "swap" if swap else "direct"
-    return PixelInfo(str(ts), mode, encapsulated, vr, value_offset, -1 if encapsulated else length,
-                     frames, error, swap)
+    return PixelInfo(
+        str(ts), mode, encapsulated, vr, value_offset, -1 if encapsulated else length, frames, error, swap
+    )
 
 
 def _tag(raw: bytes, little: bool) -> int:

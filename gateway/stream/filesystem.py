@@ -123,9 +123,10 @@ class FolderSource:
             raise NotFound(f"instance {location.SOPInstanceUID}: file gone from source {self.name}") from None
         except Exception as exc:  # pydicom's many error types on a file that changed under us
             raise SourceError(f"source {self.name}: cannot decode {location.path}: {exc}") from exc
-        length = framemap.frame_length(int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1)),
-                                       int(ds.get("BitsAllocated", 16)))
-        return pixels[index * length:(index + 1) * length]
+        length = framemap.frame_length(
+            int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 16))
+        )
+        return pixels[index * length : (index + 1) * length]
 
     async def health(self) -> str:
         return "ok" if await anyio.to_thread.run_sync(self.root.is_dir) else f"folder {self.root} is missing"

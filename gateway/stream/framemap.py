@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.errors import DicomFileError
 
 __all__ = [
-    "FrameMap", "native_map", "encapsulated_map", "pack", "unpack", "frame_length",
-    "frame_count", "frame_fragments", "frame_size",
+    "FrameMap",
+    "native_map",
+    "encapsulated_map",
+    "pack",
+    "unpack",
+    "frame_length",
+    "frame_count",
+    "frame_fragments",
+    "frame_size",
 ]
 
 Fragment = tuple[int, int]
 FrameMap = tuple[tuple[Fragment, ...], ...]
 ReadAt = Callable[[int, int], bytes]
+Packed = dict[str, Any]  # the registry's JSON form, see the module docstring
 
 _ITEM = 0xE000FFFE  # (FFFE,E000) as read from little endian "FE FF 00 E0"
 _SEQ_DELIMITER = 0xE0DDFFFE
@@ -115,9 +124,7 @@ def _walk_items(read_at: ReadAt, position: int, end: int) -> tuple[list[int], li
         position += 8 + length
 
 
-def _group_by_offsets(
-    fragments: list[Fragment], first_fragment: int, bot: list[int], count: int
-) -> FrameMap:
+def _group_by_offsets(fragments: list[Fragment], first_fragment: int, bot: list[int], count: int) -> FrameMap:
     if len(bot) != count:
         raise DicomFileError(f"Basic Offset Table has {len(bot)} entries for {count} frame(s)")
     starts = [first_fragment + off + 8 for off in bot]
@@ -130,7 +137,7 @@ def _group_by_offsets(
     if indices != sorted(indices) or indices[0] != 0:
         raise DicomFileError("Basic Offset Table entries are not increasing")
     bounds = indices + [len(fragments)]
-    return tuple(tuple(fragments[bounds[i]:bounds[i + 1]]) for i in range(count))
+    return tuple(tuple(fragments[bounds[i] : bounds[i + 1]]) for i in range(count))
 
 
 def _group_by_markers(read_at: ReadAt, fragments: list[Fragment], count: int) -> FrameMap:
@@ -143,54 +150,48 @@ def _group_by_markers(read_at: ReadAt, fragments: list[Fragment], count: int) ->
             frames[-1].append(fragment)
     if len(frames) != count:
         raise DicomFileError(
-            f"cannot tell frame boundaries: {len(fragments)} fragments, {count} frames, "
-            "and no offset table"
+            f"cannot tell frame boundaries: {len(fragments)} fragments, {count} frames, and no offset table"
         )
     return tuple(tuple(frame) for frame in frames)
 
 
-def pack(frames: FrameMap) -> dict[str, object]:
+def pack(frames: FrameMap) -> Packed:
     """The registry's compact form: native maps are three numbers whatever the frame count."""
     if all(len(frame) == 1 for frame in frames) and len(frames) > 0:
         first, length = frames[0][0]
-        regular = all(
-            frame[0] == (first + i * length, length) for i, frame in enumerate(frames)
-        )
+        regular = all(frame[0] == (first + i * length, length) for i, frame in enumerate(frames))
         if regular:
             return {"native": [first, length, len(frames)]}
     return {"fragments": [[list(fragment) for fragment in frame] for frame in frames]}
 
 
-def unpack(packed: dict[str, object]) -> FrameMap:
+def unpack(packed: Packed) -> FrameMap:
     if "native" in packed:
-        first, length, count = packed["native"]  # type: ignore[misc]
+        first, length, count = packed["native"]
         return tuple(((first + i * length, length),) for i in range(count))
-    return tuple(
-        tuple((int(off), int(length)) for off, length in frame)
-        for frame in packed["fragments"]  # type: ignore[union-attr]
-    )
+    return tuple(tuple((int(off), int(length)) for off, length in frame) for frame in packed["fragments"])
 
 
-def frame_count(packed: dict[str, object]) -> int:
+def frame_count(packed: Packed) -> int:
     if "native" in packed:
-        return int(packed["native"][2])  # type: ignore[index]
+        return int(packed["native"][2])
     if "decode" in packed:
-        return int(packed["decode"][1])  # type: ignore[index]
-    return len(packed["fragments"])  # type: ignore[arg-type]
+        return int(packed["decode"][1])
+    return len(packed["fragments"])
 
 
-def frame_size(packed: dict[str, object], index: int) -> int:
+def frame_size(packed: Packed, index: int) -> int:
     """Bytes in frame ``index`` as served (known before reading, for Content-Length)."""
     if "native" in packed:
-        return int(packed["native"][1])  # type: ignore[index]
+        return int(packed["native"][1])
     if "decode" in packed:
-        return int(packed["decode"][0])  # type: ignore[index]
-    return sum(length for _, length in packed["fragments"][index])  # type: ignore[index]
+        return int(packed["decode"][0])
+    return sum(length for _, length in packed["fragments"][index])
 
 
-def frame_fragments(packed: dict[str, object], index: int) -> tuple[Fragment, ...]:
+def frame_fragments(packed: Packed, index: int) -> tuple[Fragment, ...]:
     """Fragments of frame ``index`` (0-based) without unpacking the whole map: the per-frame path."""
     if "native" in packed:
-        first, length, _ = packed["native"]  # type: ignore[misc]
+        first, length, _ = packed["native"]
         return ((first + index * length, length),)
-    return tuple((off, length) for off, length in packed["fragments"][index])  # type: ignore[index]
+    return tuple((off, length) for off, length in packed["fragments"][index])

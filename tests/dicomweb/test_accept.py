@@ -24,8 +24,10 @@ def test_octet_stream_without_syntax_means_explicit_little_endian():
 
 
 def test_q_values_order_the_ranges():
-    accept = ('multipart/related; type="application/octet-stream"; transfer-syntax=*; q=0.5, '
-              'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50; q=0.9')
+    accept = (
+        'multipart/related; type="application/octet-stream"; transfer-syntax=*; q=0.5, '
+        'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50; q=0.9'
+    )
     assert pick(accept, [JPEG_AS_OCTETS, JPEG]) == JPEG
 
 
@@ -49,7 +51,7 @@ def test_quoted_parameters_may_hold_separators():
     assert media_range.params["type"] == "application/dicom; x=1"
 
 
-@pytest.mark.parametrize("header", ["garbage", 'multipart/related; q=high'], ids=["no-slash", "bad-q"])
+@pytest.mark.parametrize("header", ["garbage", "multipart/related; q=high"], ids=["no-slash", "bad-q"])
 def test_malformed_accept_is_a_400(header):
     with pytest.raises(RequestError):
         parse_accept(header)

@@ -43,12 +43,14 @@ def expected_frames(ds: pydicom.Dataset) -> list[bytes]:
         words.byteswap()
         data = words.tobytes()
     length = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated // 8
-    return [data[i * length:(i + 1) * length] for i in range(count)]
+    return [data[i * length : (i + 1) * length] for i in range(count)]
 
 
 def instance_url(ds: pydicom.Dataset) -> str:
-    return (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-            f"/instances/{ds.SOPInstanceUID}")
+    return (
+        f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
 
 
 FILES = fixture_files()
@@ -86,8 +88,10 @@ def test_instance_retrieve_is_the_file_or_its_explicit_little_endian_form(client
 
 def test_compressed_frames_come_in_their_own_media_type_by_default(client, datasets):
     ds = next(d for d in datasets.values() if d.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50")
-    response = client.get(instance_url(ds) + "/frames/1",
-                          headers={"Accept": 'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50'})
+    response = client.get(
+        instance_url(ds) + "/frames/1",
+        headers={"Accept": 'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50'},
+    )
     assert response.status_code == 200
     ((headers, payload),) = parts(response)
     assert headers["content-type"].startswith("image/jpeg")
@@ -96,8 +100,10 @@ def test_compressed_frames_come_in_their_own_media_type_by_default(client, datas
 
 def test_compressed_frames_without_transfer_syntax_star_are_not_acceptable(client, datasets):
     ds = next(d for d in datasets.values() if d.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90")
-    response = client.get(instance_url(ds) + "/frames/1",
-                          headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    response = client.get(
+        instance_url(ds) + "/frames/1",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+    )
     assert response.status_code == 406
     assert "transcoding" in response.text and "image/jp2" in response.text
 
@@ -113,17 +119,23 @@ def test_study_retrieve_holds_every_instance_of_the_study(client, datasets):
 
 def test_study_retrieve_is_refused_whole_when_one_instance_cannot_be_sent(client, datasets):
     ds = next(d for d in datasets.values() if d.file_meta.TransferSyntaxUID.is_encapsulated)
-    response = client.get(f"/dicom-web/studies/{ds.StudyInstanceUID}",
-                          headers={"Accept": 'multipart/related; type="application/dicom"'})
+    response = client.get(
+        f"/dicom-web/studies/{ds.StudyInstanceUID}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+    )
     assert response.status_code == 406
 
 
-@pytest.mark.parametrize("suffix,status,words", [
-    ("/frames/0", 400, "frame"),
-    ("/frames/1,x", 400, "'x'"),
-    ("/frames/99", 404, "99"),
-    ("/bulk/00091234", 404, "no bulk data"),
-], ids=["frame-zero", "frame-not-a-number", "frame-past-the-end", "bulk-absent"])
+@pytest.mark.parametrize(
+    "suffix,status,words",
+    [
+        ("/frames/0", 400, "frame"),
+        ("/frames/1,x", 400, "'x'"),
+        ("/frames/99", 404, "99"),
+        ("/bulk/00091234", 404, "no bulk data"),
+    ],
+    ids=["frame-zero", "frame-not-a-number", "frame-past-the-end", "bulk-absent"],
+)
 def test_bad_frame_and_bulk_requests_are_refused_with_a_reason(client, datasets, suffix, status, words):
     ds = next(iter(datasets.values()))
     response = client.get(instance_url(ds) + suffix, headers={"Accept": ANY_FRAME})
@@ -131,11 +143,15 @@ def test_bad_frame_and_bulk_requests_are_refused_with_a_reason(client, datasets,
     assert words in response.text
 
 
-@pytest.mark.parametrize("url,words", [
-    ("/dicom-web/studies/1.2.3", "study 1.2.3"),
-    ("/dicom-web/studies/1.2.3/metadata", "study 1.2.3"),
-    ("/dicom-web/studies/1.2.3/series/4.5/instances/6.7/frames/1", "instance 6.7"),
-], ids=["study", "metadata", "frames"])
+@pytest.mark.parametrize(
+    "url,words",
+    [
+        ("/dicom-web/studies/1.2.3", "study 1.2.3"),
+        ("/dicom-web/studies/1.2.3/metadata", "study 1.2.3"),
+        ("/dicom-web/studies/1.2.3/series/4.5/instances/6.7/frames/1", "instance 6.7"),
+    ],
+    ids=["study", "metadata", "frames"],
+)
 def test_unknown_uids_get_404_naming_them(client, url, words):
     response = client.get(url)
     assert response.status_code == 404
@@ -151,7 +167,9 @@ def test_series_metadata_is_one_object_per_instance_with_absolute_bulk_uris(clie
     body = response.json()
     uids = {d.SOPInstanceUID for d in datasets.values() if d.SeriesInstanceUID == ds.SeriesInstanceUID}
     assert {item["00080018"]["Value"][0] for item in body} == uids
-    pixel_uri = next(i for i in body if i["00080018"]["Value"][0] == ds.SOPInstanceUID)["7FE00010"]["BulkDataURI"]
+    pixel_uri = next(i for i in body if i["00080018"]["Value"][0] == ds.SOPInstanceUID)["7FE00010"][
+        "BulkDataURI"
+    ]
     assert pixel_uri == "http://gateway.test" + instance_url(ds) + "/bulk/7FE00010"
 
 
@@ -191,8 +209,9 @@ def test_metadata_numbers_are_json_numbers(client, datasets):
 
 def test_metadata_is_refused_as_xml(client, datasets):
     ds = next(iter(datasets.values()))
-    response = client.get(instance_url(ds) + "/metadata",
-                          headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
+    response = client.get(
+        instance_url(ds) + "/metadata", headers={"Accept": 'multipart/related; type="application/dicom+xml"'}
+    )
     assert response.status_code == 406
 
 
@@ -204,4 +223,5 @@ def test_study_metadata_needs_no_file_access(gateway, client, datasets, monkeypa
     response = client.get(f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata")
     assert response.status_code == 200
     assert len(orjson.loads(response.content)) == sum(
-        1 for d in datasets.values() if d.StudyInstanceUID == ds.StudyInstanceUID)
+        1 for d in datasets.values() if d.StudyInstanceUID == ds.StudyInstanceUID
+    )

@@ -26,29 +26,42 @@ def test_study_results_carry_the_default_attributes_and_counts(client, datasets)
     assert study["00201206"]["Value"] == [len({d.SeriesInstanceUID for d in members})]
     assert study["00080061"]["Value"] == sorted({d.Modality for d in members})  # ModalitiesInStudy
     assert study["00081190"]["Value"] == [f"http://gateway.test/dicom-web/studies/{ds.StudyInstanceUID}"]
-    for tag in ("00080020", "00080030", "00080050", "00080090", "00100010", "00100020",
-                "00100030", "00100040", "00200010"):
+    for tag in (
+        "00080020",
+        "00080030",
+        "00080050",
+        "00080090",
+        "00100010",
+        "00100020",
+        "00100030",
+        "00100040",
+        "00200010",
+    ):
         assert tag in study, tag
 
 
-@pytest.mark.parametrize("query,predicate", [
-    ("PatientID=GW-0002", lambda d: d.PatientID == "GW-0002"),
-    ("00100020=GW-0002", lambda d: d.PatientID == "GW-0002"),
-    ("PatientName=müller^hélène", lambda d: str(d.PatientName) == "Müller^Hélène"),
-    ("PatientName=MULLER*", lambda d: str(d.PatientName).startswith("Müller")),
-    ("PatientName=Dup?nt*", lambda d: str(d.PatientName).startswith("Dupont")),
-    ("fuzzymatching=true&PatientName=franc", lambda d: "Françoise" in str(d.PatientName)),
-    ("fuzzymatching=true&PatientName=tar yam", lambda d: "Yamada" in str(d.PatientName)),
-    ("StudyDate=20240101-", lambda d: d.StudyDate >= "20240101"),
-    ("StudyDate=-20231231", lambda d: d.StudyDate <= "20231231"),
-    ("StudyDate=20231101-20231130", lambda d: "20231101" <= d.StudyDate <= "20231130"),
-    ("StudyDate=20240115", lambda d: d.StudyDate == "20240115"),
-    ("StudyTime=08-09", lambda d: "080000" <= d.StudyTime <= "095959"),
-    ("ModalitiesInStudy=MR", lambda d: True),  # filtered below: studies holding an MR series
-    ("AccessionNumber=B200*", lambda d: d.AccessionNumber.startswith("B200")),
-    # ß case-folds to "ss": a user typing without the German letter still finds Weiß.
-    ("ReferringPhysicianName=weiss*", lambda d: str(d.ReferringPhysicianName).startswith("Weiß")),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "query,predicate",
+    [
+        ("PatientID=GW-0002", lambda d: d.PatientID == "GW-0002"),
+        ("00100020=GW-0002", lambda d: d.PatientID == "GW-0002"),
+        ("PatientName=müller^hélène", lambda d: str(d.PatientName) == "Müller^Hélène"),
+        ("PatientName=MULLER*", lambda d: str(d.PatientName).startswith("Müller")),
+        ("PatientName=Dup?nt*", lambda d: str(d.PatientName).startswith("Dupont")),
+        ("fuzzymatching=true&PatientName=franc", lambda d: "Françoise" in str(d.PatientName)),
+        ("fuzzymatching=true&PatientName=tar yam", lambda d: "Yamada" in str(d.PatientName)),
+        ("StudyDate=20240101-", lambda d: d.StudyDate >= "20240101"),
+        ("StudyDate=-20231231", lambda d: d.StudyDate <= "20231231"),
+        ("StudyDate=20231101-20231130", lambda d: "20231101" <= d.StudyDate <= "20231130"),
+        ("StudyDate=20240115", lambda d: d.StudyDate == "20240115"),
+        ("StudyTime=08-09", lambda d: "080000" <= d.StudyTime <= "095959"),
+        ("ModalitiesInStudy=MR", lambda d: True),  # filtered below: studies holding an MR series
+        ("AccessionNumber=B200*", lambda d: d.AccessionNumber.startswith("B200")),
+        # ß case-folds to "ss": a user typing without the German letter still finds Weiß.
+        ("ReferringPhysicianName=weiss*", lambda d: str(d.ReferringPhysicianName).startswith("Weiß")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_study_matching(client, datasets, query, predicate):
     if query.startswith("ModalitiesInStudy"):
         expected = {str(d.StudyInstanceUID) for d in datasets.values() if d.Modality == "MR"}
@@ -71,7 +84,9 @@ def test_exact_person_name_does_not_match_a_prefix(client):
 def test_series_of_a_study(client, datasets):
     ds = next(iter(datasets.values()))
     response = client.get(f"/dicom-web/studies/{ds.StudyInstanceUID}/series")
-    expected = {str(d.SeriesInstanceUID) for d in datasets.values() if d.StudyInstanceUID == ds.StudyInstanceUID}
+    expected = {
+        str(d.SeriesInstanceUID) for d in datasets.values() if d.StudyInstanceUID == ds.StudyInstanceUID
+    }
     assert uids(response, "0020000E") == expected
     item = response.json()[0]
     assert "00201209" in item and "00080060" in item  # NumberOfSeriesRelatedInstances, Modality
@@ -102,8 +117,10 @@ def test_instance_level_matching_on_instance_number(client, datasets):
 
 def test_includefield_by_keyword_and_tag_returns_stored_attributes(client, datasets):
     ds = next(d for d in datasets.values() if "StudyDescription" in d)
-    response = client.get(f"/dicom-web/studies?StudyInstanceUID={ds.StudyInstanceUID}"
-                          "&includefield=00081030,InstitutionName&includefield=00080060")
+    response = client.get(
+        f"/dicom-web/studies?StudyInstanceUID={ds.StudyInstanceUID}"
+        "&includefield=00081030,InstitutionName&includefield=00080060"
+    )
     (item,) = response.json()
     assert item["00081030"]["Value"] == [ds.StudyDescription]
     assert "00080080" in item
@@ -111,35 +128,45 @@ def test_includefield_by_keyword_and_tag_returns_stored_attributes(client, datas
 
 def test_what_ohif_sends_when_opening_a_study(client, datasets):
     ds = next(iter(datasets.values()))
-    query = (f"limit=101&offset=0&fuzzymatching=false&includefield=00081030%2C00080060"
-             f"&StudyInstanceUID={ds.StudyInstanceUID}")
+    query = (
+        f"limit=101&offset=0&fuzzymatching=false&includefield=00081030%2C00080060"
+        f"&StudyInstanceUID={ds.StudyInstanceUID}"
+    )
     assert uids(client.get(f"/dicom-web/studies?{query}")) == {str(ds.StudyInstanceUID)}
-    series = client.get(f"/dicom-web/studies/{ds.StudyInstanceUID}/series"
-                        "?includefield=00080021%2C00080031%2C0008103E%2C00200011")
+    series = client.get(
+        f"/dicom-web/studies/{ds.StudyInstanceUID}/series"
+        "?includefield=00080021%2C00080031%2C0008103E%2C00200011"
+    )
     assert series.status_code == 200 and series.json()
 
 
 def test_limit_and_offset_page_through_results(client, datasets):
     everything = [i["0020000D"]["Value"][0] for i in client.get("/dicom-web/studies").json()]
-    pages = [client.get(f"/dicom-web/studies?limit=2&offset={o}").json() for o in range(0, len(everything), 2)]
+    pages = [
+        client.get(f"/dicom-web/studies?limit=2&offset={o}").json() for o in range(0, len(everything), 2)
+    ]
     assert [i["0020000D"]["Value"][0] for page in pages for i in page] == everything
 
 
-@pytest.mark.parametrize("query,words", [
-    ("Foo=1", "Foo: unknown attribute"),
-    ("ZZZZZZZZ=1", "ZZZZZZZZ"),
-    ("StudyDate=2024", "not a valid DA"),
-    ("StudyDate=20240101-2024", "not a DA range"),
-    ("StudyInstanceUID=1.2.abc", "not a UID"),
-    ("limit=-1", "limit"),
-    ("offset=x", "offset"),
-    ("fuzzymatching=yes", "fuzzymatching"),
-    ("includefield=NotAKeyword", "NotAKeyword"),
-    ("SOPInstanceUID=1.2.3", "not supported as a matching key at study level"),
-    ("ReferencedStudySequence.StudyInstanceUID=1.2", "sequence attribute paths"),
-    ("PatientID=1&PatientID=2", "more than once"),
-    ("InstanceNumber=two", "not supported as a matching key"),
-], ids=lambda v: v)
+@pytest.mark.parametrize(
+    "query,words",
+    [
+        ("Foo=1", "Foo: unknown attribute"),
+        ("ZZZZZZZZ=1", "ZZZZZZZZ"),
+        ("StudyDate=2024", "not a valid DA"),
+        ("StudyDate=20240101-2024", "not a DA range"),
+        ("StudyInstanceUID=1.2.abc", "not a UID"),
+        ("limit=-1", "limit"),
+        ("offset=x", "offset"),
+        ("fuzzymatching=yes", "fuzzymatching"),
+        ("includefield=NotAKeyword", "NotAKeyword"),
+        ("SOPInstanceUID=1.2.3", "not supported as a matching key at study level"),
+        ("ReferencedStudySequence.StudyInstanceUID=1.2", "sequence attribute paths"),
+        ("PatientID=1&PatientID=2", "more than once"),
+        ("InstanceNumber=two", "not supported as a matching key"),
+    ],
+    ids=lambda v: v,
+)
 def test_malformed_queries_get_400_naming_the_key(client, query, words):
     response = client.get(f"/dicom-web/studies?{query}")
     assert response.status_code == 400

@@ -53,8 +53,9 @@ def test_changed_file_is_read_again(folder, registry):
     os.utime(path, ns=(1, 1))  # a different modification time, whatever the clock
     stats = harvest(registry, FolderSource("a", folder))
     assert stats.indexed == 1
-    (row,) = registry.query("SELECT StudyDescription FROM studies WHERE StudyInstanceUID=?",
-                            (str(ds.StudyInstanceUID),))
+    (row,) = registry.query(
+        "SELECT StudyDescription FROM studies WHERE StudyInstanceUID=?", (str(ds.StudyInstanceUID),)
+    )
     assert row[0] == "Changed description"
 
 
@@ -64,8 +65,14 @@ def test_deleted_files_leave_the_index_and_empty_studies_go(folder, registry):
         path.unlink()
     stats = harvest(registry, FolderSource("a", folder))
     assert stats.removed == 6
-    assert registry.counts() == {"patients": 0, "studies": 0, "series": 0, "instances": 0,
-                                 "locations": 0, "rejects": 0}
+    assert registry.counts() == {
+        "patients": 0,
+        "studies": 0,
+        "series": 0,
+        "instances": 0,
+        "locations": 0,
+        "rejects": 0,
+    }
 
 
 def test_unreadable_files_are_counted_remembered_and_not_fatal(folder, registry):

@@ -8,15 +8,16 @@ from gateway.stream import framemap
 
 
 def _reader(data: bytes):
-    return lambda offset, n: data[offset:offset + n]
+    return lambda offset, n: data[offset : offset + n]
 
 
 def _frames_of(data: bytes, fmap) -> list[bytes]:
-    return [b"".join(data[o:o + n] for o, n in frame) for frame in fmap]
+    return [b"".join(data[o : o + n] for o, n in frame) for frame in fmap]
 
 
-FRAMES = [b"\xff\xd8" + bytes([i]) * (10 + i) + b"\xff\xd9" + (b"\x00" if i % 2 == 0 else b"")
-          for i in range(4)]
+FRAMES = [
+    b"\xff\xd8" + bytes([i]) * (10 + i) + b"\xff\xd9" + (b"\x00" if i % 2 == 0 else b"") for i in range(4)
+]
 
 
 def test_native_map_places_frames_back_to_back():
@@ -82,10 +83,14 @@ def test_ambiguous_fragments_without_table_are_refused():
         framemap.encapsulated_map(_reader(data), 0, len(data), 2)
 
 
-@pytest.mark.parametrize("fmap", [
-    framemap.native_map(10, 300, 100, 3),
-    ((( 10, 5), (20, 7)), ((40, 9),)),
-], ids=["native", "fragments"])
+@pytest.mark.parametrize(
+    "fmap",
+    [
+        framemap.native_map(10, 300, 100, 3),
+        (((10, 5), (20, 7)), ((40, 9),)),
+    ],
+    ids=["native", "fragments"],
+)
 def test_pack_round_trips_and_answers_per_frame(fmap):
     packed = framemap.pack(fmap)
     assert framemap.unpack(packed) == fmap

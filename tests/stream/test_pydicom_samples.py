@@ -38,7 +38,8 @@ def test_served_frames_of_every_mappable_sample_equal_pydicoms(sample_gateway):
         "SELECT l.path, l.SOPInstanceUID, se.SeriesInstanceUID, se.StudyInstanceUID FROM locations l "
         "JOIN instances i ON i.SOPInstanceUID = l.SOPInstanceUID "
         "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
-        "WHERE l.frames IS NOT NULL AND l.mode != 'decode'")
+        "WHERE l.frames IS NOT NULL AND l.mode != 'decode'"
+    )
     held = {}
     for row in sample_gateway.registry.query("SELECT SOPInstanceUID, COUNT(*) n FROM locations GROUP BY 1"):
         held[row[0]] = row[1]
@@ -51,8 +52,10 @@ def test_served_frames_of_every_mappable_sample_equal_pydicoms(sample_gateway):
             frames = expected_frames(ds)
         except Exception:
             continue  # pydicom itself cannot split this file's frames: nothing to compare with
-        url = (f"/dicom-web/studies/{row['StudyInstanceUID']}/series/{row['SeriesInstanceUID']}"
-               f"/instances/{row['SOPInstanceUID']}/frames/{','.join(str(n) for n in range(1, len(frames) + 1))}")
+        url = (
+            f"/dicom-web/studies/{row['StudyInstanceUID']}/series/{row['SeriesInstanceUID']}"
+            f"/instances/{row['SOPInstanceUID']}/frames/{','.join(str(n) for n in range(1, len(frames) + 1))}"
+        )
         response = client.get(url, headers={"Accept": ANY_FRAME})
         assert response.status_code == 200, (row["path"], response.text)
         assert [payload for _, payload in parts(response)] == frames, row["path"]
