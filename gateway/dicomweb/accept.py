@@ -7,6 +7,7 @@ resource without transcoding: a part media type and the transfer syntax its byte
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from gateway.errors import NotAcceptable, RequestError
@@ -78,8 +79,13 @@ class Offer:
 
 def parse_accept(header: str | None) -> list[MediaRange]:
     """Media ranges by decreasing weight (stable for equal weights); q=0 ranges are dropped."""
+    return list(_parse_accept(header))
+
+
+@functools.lru_cache(maxsize=256)  # a viewer sends the same few Accept headers thousands of times
+def _parse_accept(header: str | None) -> tuple[MediaRange, ...]:
     if header is None or not header.strip():
-        return [MediaRange("*/*")]
+        return (MediaRange("*/*"),)
     ranges: list[MediaRange] = []
     for item in _split(header, ","):
         if not item.strip():
@@ -102,7 +108,7 @@ def parse_accept(header: str | None) -> list[MediaRange]:
                 params[name] = value
         if q > 0:
             ranges.append(MediaRange(media, params, q))
-    return sorted(ranges, key=lambda r: -r.q)
+    return tuple(sorted(ranges, key=lambda r: -r.q))
 
 
 def _split(text: str, separator: str) -> list[str]:

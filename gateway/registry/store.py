@@ -35,6 +35,7 @@ _DERIVED = {
     "ContentTime": ("ContentTime_norm",),
     "PerformedProcedureStepStartTime": ("PerformedProcedureStepStartTime_norm",),
 }
+_LOCATION_CACHE = 50_000  # instances; a few hundred bytes each
 _INTEGER = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
 
 
@@ -348,6 +349,32 @@ class Registry:
                 swap=row["swap"] or 0,
             )
         return list(seen.values())
+
+    def instance_location(self, study: str, series: str, instance: str) -> Location | None:
+        """The location of one instance, cached until any connection commits a change.
+
+        This is the per-frame lookup: a viewer asks for every frame of a study one request at a
+        time, so the SQL join and the frame map decoding are done once per instance, not per frame.
+        ``PRAGMA data_version`` changes when another connection (a harvest) commits.
+        """
+        version = self._conn().execute("PRAGMA data_version").fetchone()[0]
+        cache = self._local.__dict__.setdefault("locations", {})
+        if cache.get("version") != version:
+            cache.clear()
+            cache["version"] = version
+        key = (study, series, instance)
+        location = cache.get(key)
+        if location is None:
+            found = self.locations(
+                "se.StudyInstanceUID = ? AND i.SeriesInstanceUID = ? AND i.SOPInstanceUID = ?", key
+            )
+            if not found:
+                return None
+            if len(cache) > _LOCATION_CACHE:
+                cache.clear()
+                cache["version"] = version
+            location = cache[key] = found[0]
+        return location
 
     def metadata(self, where: str, params: tuple[Any, ...]) -> list[bytes]:
         rows = self.query(

@@ -7,8 +7,10 @@ need the dataset inflated, which pydicom does for that one instance.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from gateway.stream.source import CHUNK, Entry
 
 __all__ = ["FolderSource"]
 
+_READERS = 16  # concurrent reads per folder: enough to keep a disk queue busy
+
 
 class FolderSource:
     kind = "filesystem"
@@ -31,6 +35,7 @@ class FolderSource:
     def __init__(self, name: str, root: Path) -> None:
         self.name = name
         self.root = Path(root)
+        self._executor = ThreadPoolExecutor(_READERS, thread_name_prefix=f"read-{name}")
 
     # -- harvest ------------------------------------------------------------------------------
 
@@ -86,8 +91,10 @@ class FolderSource:
         assert location.frames is not None
         fragments = framemap.frame_fragments(location.frames, index)
         if sum(length for _, length in fragments) <= CHUNK:
-            # The common case (one CT or MR frame): one worker-thread hop for open, read, close.
-            yield await anyio.to_thread.run_sync(self._read_small, location, fragments)
+            # The common case (one CT or MR frame): one worker-thread hop for open, read, close,
+            # on the event loop's plain executor (a third of the cost of anyio's to_thread).
+            loop = asyncio.get_running_loop()
+            yield await loop.run_in_executor(self._executor, self._read_small, location, fragments)
             return
         fd = await anyio.to_thread.run_sync(self._open, location)
         try:
@@ -132,7 +139,7 @@ class FolderSource:
         return "ok" if await anyio.to_thread.run_sync(self.root.is_dir) else f"folder {self.root} is missing"
 
     async def aclose(self) -> None:
-        return None
+        self._executor.shutdown(wait=False)
 
 
 def _swap(chunk: bytes, width: int) -> bytes:
