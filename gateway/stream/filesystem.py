@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 from array import array
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
@@ -35,7 +35,16 @@ class FolderSource:
     def __init__(self, name: str, root: Path) -> None:
         self.name = name
         self.root = Path(root)
-        self._executor = ThreadPoolExecutor(_READERS, thread_name_prefix=f"read-{name}")
+        self._executor: ThreadPoolExecutor | None = None  # made on first read; never pickled
+
+    def __getstate__(self) -> dict[str, object]:
+        # Harvest sends the source to worker processes; the reader threads stay here.
+        return {"name": self.name, "root": self.root, "_executor": None}
+
+    def _readers(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(_READERS, thread_name_prefix=f"read-{self.name}")
+        return self._executor
 
     # -- harvest ------------------------------------------------------------------------------
 
@@ -94,7 +103,7 @@ class FolderSource:
             # The common case (one CT or MR frame): one worker-thread hop for open, read, close,
             # on the event loop's plain executor (a third of the cost of anyio's to_thread).
             loop = asyncio.get_running_loop()
-            yield await loop.run_in_executor(self._executor, self._read_small, location, fragments)
+            yield await loop.run_in_executor(self._readers(), self._read_small, location, fragments)
             return
         fd = await anyio.to_thread.run_sync(self._open, location)
         try:
@@ -139,7 +148,8 @@ class FolderSource:
         return "ok" if await anyio.to_thread.run_sync(self.root.is_dir) else f"folder {self.root} is missing"
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=False)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
 
 
 def _swap(chunk: bytes, width: int) -> bytes:

@@ -2,59 +2,72 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pydicom
 import pytest
 
+from fixtures.generate import make_ct_study
 from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
-from tests.conftest import Client, fixture_files, make_config
+from tests.conftest import Client, make_config
 from tests.dicomweb.test_retrieve import ANY_FRAME, ANY_INSTANCE, instance_url
 
 
 @pytest.fixture
-def setup(tmp_path: Path):
+def setup(tmp_path: Path) -> tuple[Client, list[Path]]:
     folder = tmp_path / "archive"
-    folder.mkdir()
-    multiframe = next(p for p in fixture_files() if "native_multiframe" in p.name)
-    single = fixture_files()[0]
-    for path in (multiframe, single):
-        shutil.copy(path, folder / path.name)
+    files = make_ct_study(folder, n_instances=4, rows=64, cols=64)
     gw = Gateway(make_config(folder, tmp_path / "registry.db", "archive"))
     gw.harvest("archive")
-    return Client(create_app(gw)), folder / multiframe.name, folder / single.name
+    return Client(create_app(gw)), sorted(files)
+
+
+def cut(path: Path, missing: int) -> None:
+    path.write_bytes(path.read_bytes()[:-missing])
+
+
+def causes(error: BaseException | None) -> list[str]:
+    out = []
+    while error is not None:
+        out.append(str(error))
+        error = error.__cause__
+    return out
 
 
 def test_a_file_gone_since_harvest_gets_404_before_any_byte(setup):
-    client, _, single = setup
-    ds = pydicom.dcmread(single)
-    single.unlink()
+    client, files = setup
+    ds = pydicom.dcmread(files[0])
+    files[0].unlink()
     response = client.get(instance_url(ds) + "/frames/1", headers={"Accept": ANY_FRAME})
     assert response.status_code == 404
     assert "file is gone" in response.text
 
 
-def test_a_file_cut_short_since_harvest_aborts_the_transfer_instead_of_ending_it(setup):
-    client, multiframe, _ = setup
-    ds = pydicom.dcmread(multiframe)
-    data = multiframe.read_bytes()
-    multiframe.write_bytes(data[: len(data) - len(ds.PixelData) // 2])  # later frames are missing
-    numbers = ",".join(str(n) for n in range(1, int(ds.NumberOfFrames) + 1))
+def test_a_frame_cut_short_since_harvest_gets_502_before_any_byte(setup):
+    client, files = setup
+    ds = pydicom.dcmread(files[0])
+    cut(files[0], 100)
+    response = client.get(instance_url(ds) + "/frames/1", headers={"Accept": ANY_FRAME})
+    assert response.status_code == 502
+    assert "shorter than indexed" in response.text
+
+
+def test_a_study_whose_later_file_shrank_aborts_the_transfer_instead_of_ending_it(setup):
+    client, files = setup
+    ds = pydicom.dcmread(files[-1])
+    cut(files[-1], 100)  # the first instances stream fine, then the source falls short
     with pytest.raises(Exception) as aborted:
-        client.get(instance_url(ds) + f"/frames/{numbers}", headers={"Accept": ANY_FRAME})
-    causes = []
-    error: BaseException | None = aborted.value
-    while error is not None:
-        causes.append(str(error))
-        error = error.__cause__
-    assert any("shorter than indexed" in cause for cause in causes)
+        client.get(f"/dicom-web/studies/{ds.StudyInstanceUID}", headers={"Accept": ANY_INSTANCE})
+    assert any("shrank while being sent" in cause for cause in causes(aborted.value))
 
 
 def test_the_app_keeps_serving_after_a_failed_transfer(setup):
-    client, multiframe, single = setup
-    test_a_file_cut_short_since_harvest_aborts_the_transfer_instead_of_ending_it((client, multiframe, single))
-    ds = pydicom.dcmread(single)
-    response = client.get(instance_url(ds), headers={"Accept": ANY_INSTANCE})
+    client, files = setup
+    ds = pydicom.dcmread(files[-1])
+    cut(files[-1], 100)
+    with pytest.raises(Exception) as aborted:
+        client.get(f"/dicom-web/studies/{ds.StudyInstanceUID}", headers={"Accept": ANY_INSTANCE})
+    assert any("shrank" in cause for cause in causes(aborted.value))
+    response = client.get(instance_url(pydicom.dcmread(files[0])), headers={"Accept": ANY_INSTANCE})
     assert response.status_code == 200
