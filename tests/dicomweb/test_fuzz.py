@@ -8,6 +8,8 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.dicomweb.test_retrieve import instance_url
+
 KEYS = [
     "PatientName",
     "PatientID",
@@ -106,7 +108,7 @@ def requests(seed: int, count: int, real: str):
 @pytest.mark.parametrize("seed", range(4))
 def test_no_malformed_request_gets_a_500(client, datasets, seed):
     ds = next(iter(datasets.values()))
-    real = f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    real = instance_url(ds)
     for url, headers in requests(seed, 150, real):
         response = client.get(url, headers=headers)
         assert response.status_code < 500, (url, headers, response.text)
