@@ -30,7 +30,7 @@ from gateway.dicomweb.accept import (
 from gateway.dicomweb.multipart import MultipartWriter
 from gateway.errors import NotAcceptable, NotFound, RequestError, SourceError
 from gateway.registry.record import BULK_KEY
-from gateway.registry.store import Location
+from gateway.registry.store import InstanceFile, Location
 from gateway.service import Gateway
 from gateway.stream import framemap
 from gateway.stream.transcode import to_explicit_little_endian
@@ -122,7 +122,7 @@ def _require_json(request: Request) -> None:
 _NOT_FOR_WEB = {IMPLICIT_LE, BIG_ENDIAN}  # PS3.18 8.7.3.3.1
 
 
-def _instance_offers(location: Location) -> list[Offer]:
+def _instance_offers(location: InstanceFile) -> list[Offer]:
     stored = location.TransferSyntaxUID or IMPLICIT_LE
     offers = [] if stored in _NOT_FOR_WEB else [Offer("application/dicom", stored)]
     if stored in _NOT_FOR_WEB or stored == DEFLATED:
@@ -133,7 +133,10 @@ def _instance_offers(location: Location) -> list[Offer]:
 async def retrieve_instances(
     request: Request, gateway: Gateway, scope: dict[str, str], base_url: str
 ) -> Response:
-    locations = await _locations(gateway, scope)
+    where, params = _where(scope)
+    locations = await anyio.to_thread.run_sync(gateway.registry.instance_files, where, params)
+    if not locations:
+        raise _not_found(scope)
     ranges = parse_accept(request.headers.get("accept"))
     plan = [(loc, negotiate(ranges, _instance_offers(loc), "application/dicom")) for loc in locations]
     writer = MultipartWriter("application/dicom")
@@ -253,7 +256,7 @@ async def retrieve_bulk(request: Request, gateway: Gateway, scope: dict[str, str
         count = framemap.frame_count(frames)
         return await retrieve_frames(request, gateway, scope, ",".join(str(n) for n in range(1, count + 1)))
     source = gateway.source(location.source)
-    stored = b"".join([chunk async for chunk in source.aiter_instance(location)])
+    stored = b"".join([chunk async for chunk in source.aiter_instance(location.file())])
     value = await anyio.to_thread.run_sync(_bulk_value, stored, tag_path, location.SOPInstanceUID)
     negotiate(
         parse_accept(request.headers.get("accept")),

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -25,7 +25,7 @@ from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.registry.record import InstanceRecord
 from gateway.stream.dicomfile import PixelInfo
 
-__all__ = ["Registry", "Location", "FileState", "SourceStats"]
+__all__ = ["Registry", "Location", "InstanceFile", "FileState", "SourceStats"]
 
 _DERIVED = {
     "PatientName": ("PatientName_fold", "PatientName_words"),
@@ -35,7 +35,7 @@ _DERIVED = {
     "ContentTime": ("ContentTime_norm",),
     "PerformedProcedureStepStartTime": ("PerformedProcedureStepStartTime_norm",),
 }
-_LOCATION_CACHE = 50_000  # instances; a few hundred bytes each
+_LOCATION_CACHE = 4096  # instances (~600 bytes each): memory must not grow with the archive
 _INTEGER = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
 
 
@@ -106,6 +106,17 @@ class Location:
     frames: dict[str, Any] | None
     frame_error: str | None
     swap: int
+
+    def file(self) -> InstanceFile:
+        return InstanceFile(self.source, self.path, self.size, self.TransferSyntaxUID, self.SOPInstanceUID)
+
+
+class InstanceFile(NamedTuple):
+    source: str
+    path: str
+    size: int
+    TransferSyntaxUID: str | None
+    SOPInstanceUID: str
 
 
 @dataclass(frozen=True)
@@ -375,6 +386,25 @@ class Registry:
                 cache["version"] = version
             location = cache[key] = found[0]
         return location
+
+    def instance_files(self, where: str, params: tuple[Any, ...]) -> list[InstanceFile]:
+        """What a study or series retrieve needs of each instance, without frame maps:
+        ~150 bytes an instance, so a 4,000-instance study costs well under a megabyte."""
+        rows = self.query(
+            "SELECT l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID FROM instances i "
+            "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
+            "JOIN locations l ON l.SOPInstanceUID = i.SOPInstanceUID "
+            f"WHERE {where} ORDER BY se.SeriesNumber, se.SeriesInstanceUID, i.InstanceNumber, "
+            "i.SOPInstanceUID, l.source",
+            params,
+        )
+        seen: set[str] = set()
+        out = []
+        for source, path, size, syntax, uid in rows:
+            if uid not in seen:  # one location per instance for now; federation picks later
+                seen.add(uid)
+                out.append(InstanceFile(source, path, size, syntax, uid))
+        return out
 
     def metadata(self, where: str, params: tuple[Any, ...]) -> list[bytes]:
         rows = self.query(

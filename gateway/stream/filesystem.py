@@ -19,7 +19,7 @@ import anyio.to_thread
 from pydicom.dataset import Dataset
 
 from gateway.errors import NotFound, SourceError
-from gateway.registry.store import Location
+from gateway.registry.store import InstanceFile, Location
 from gateway.stream import framemap
 from gateway.stream.dicomfile import PixelInfo, read_header
 from gateway.stream.source import CHUNK, Entry
@@ -69,7 +69,7 @@ class FolderSource:
 
     # -- serving ------------------------------------------------------------------------------
 
-    def _open(self, location: Location) -> int:
+    def _open(self, location: Location | InstanceFile) -> int:
         try:
             return os.open(self.root / location.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -80,7 +80,7 @@ class FolderSource:
         except OSError as exc:
             raise SourceError(f"source {self.name}: cannot open {location.path}: {exc.strerror}") from exc
 
-    async def aiter_instance(self, location: Location) -> AsyncIterator[bytes]:
+    async def aiter_instance(self, location: InstanceFile) -> AsyncIterator[bytes]:
         fd = await anyio.to_thread.run_sync(self._open, location)
         try:
             offset = 0

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from pydicom.dataset import Dataset
 
-from gateway.registry.store import Location
+from gateway.registry.store import InstanceFile, Location
 from gateway.stream.dicomfile import PixelInfo
 
 __all__ = ["Entry", "Source", "CHUNK"]
@@ -43,7 +43,7 @@ class Source(Protocol):
         """The entry's header without pixel data; raises ``DicomFileError`` if unreadable."""
         ...
 
-    def aiter_instance(self, location: Location) -> AsyncIterator[bytes]:
+    def aiter_instance(self, location: InstanceFile) -> AsyncIterator[bytes]:
         """The stored Part 10 bytes of one instance."""
         ...
 
