@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 
 import anyio
@@ -12,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.dicomweb.retrieve import (
@@ -28,9 +30,10 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("gateway.http")
 PREFIX = "/dicom-web"
+_FRAMES = re.compile(PREFIX + r"/studies/([^/]+)/series/([^/]+)/instances/([^/]+)/frames/([^/]+)$")
 
 
-def create_app(gateway: Gateway, harvest: bool = False) -> Starlette:
+def create_app(gateway: Gateway, harvest: bool = False) -> ASGIApp:
     """``harvest=True`` runs each source's harvest schedule while the app is up."""
 
     def base_url(request: Request) -> str:
@@ -83,7 +86,7 @@ def create_app(gateway: Gateway, harvest: bool = False) -> Starlette:
         Route(study + "/metadata", metadata),
         Route(series + "/metadata", metadata),
         Route(instance + "/metadata", metadata),
-        Route(instance + "/frames/{frames}", frames),
+        Route(instance + "/frames/{frames}", frames),  # GET is served by the fast path below
         Route(instance + "/bulk/{tag_path:path}", bulk),
     ]
 
@@ -118,8 +121,26 @@ def create_app(gateway: Gateway, harvest: bool = False) -> Starlette:
         log.exception("%s %s failed", request.method, request.url.path)
         return PlainTextResponse(f"internal error: {type(exc).__name__}\n", status_code=500)
 
-    return Starlette(
+    app = Starlette(
         routes=[Route("/health", health), Mount(PREFIX, routes=routes)],
         lifespan=lifespan,
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: unexpected},
     )
+
+    async def with_frames_fast_path(scope: Scope, receive: Receive, send: Send) -> None:
+        """Frame requests, the hot path (one per image of a study), skip routing and the
+        middleware stack; everything else, lifespan included, goes to the Starlette app."""
+        match = _FRAMES.match(scope["path"]) if scope["type"] == "http" else None
+        if match is None or scope["method"] != "GET":
+            await app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        study, series, instance, frame_list = match.groups()
+        uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+        try:
+            response = await retrieve_frames(request, gateway, uids, frame_list)
+        except Exception as exc:
+            response = await (gateway_error if isinstance(exc, GatewayError) else unexpected)(request, exc)
+        await response(scope, receive, send)
+
+    return with_frames_fast_path
