@@ -35,7 +35,8 @@ _DERIVED = {
     "ContentTime": ("ContentTime_norm",),
     "PerformedProcedureStepStartTime": ("PerformedProcedureStepStartTime_norm",),
 }
-_LOCATION_CACHE = 4096  # instances (~600 bytes each): memory must not grow with the archive
+_CACHE_CHECK = 0.5  # seconds a cached location may outlive a harvest that changed it
+_LOCATION_CACHE = 1024  # instances (~600 bytes each): memory must not grow with the archive
 _INTEGER = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
 
 
@@ -144,6 +145,7 @@ class Registry:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._generation = 0
         try:
             self._conn().executescript(SCHEMA)
         except sqlite3.Error as exc:
@@ -172,6 +174,7 @@ class Registry:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("COMMIT")
+            self._generation += 1  # data_version does not see this connection's own commits
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -362,17 +365,21 @@ class Registry:
         return list(seen.values())
 
     def instance_location(self, study: str, series: str, instance: str) -> Location | None:
-        """The location of one instance, cached until any connection commits a change.
+        """The location of one instance, cached until a harvest commits a change.
 
         This is the per-frame lookup: a viewer asks for every frame of a study one request at a
         time, so the SQL join and the frame map decoding are done once per instance, not per frame.
-        ``PRAGMA data_version`` changes when another connection (a harvest) commits.
+        ``PRAGMA data_version`` changes when another connection (a harvest, in this process or
+        another) commits; it is read at most every ``_CACHE_CHECK`` seconds, not per frame.
         """
-        version = self._conn().execute("PRAGMA data_version").fetchone()[0]
         cache = self._local.__dict__.setdefault("locations", {})
-        if cache.get("version") != version:
-            cache.clear()
-            cache["version"] = version
+        now = time.monotonic()
+        if now - cache.get("checked", -_CACHE_CHECK) >= _CACHE_CHECK:
+            version = (self._conn().execute("PRAGMA data_version").fetchone()[0], self._generation)
+            if cache.get("version") != version:
+                cache.clear()
+                cache["version"] = version
+            cache["checked"] = now
         key = (study, series, instance)
         location = cache.get(key)
         if location is None:
@@ -382,8 +389,9 @@ class Registry:
             if not found:
                 return None
             if len(cache) > _LOCATION_CACHE:
+                version, checked = cache["version"], cache["checked"]
                 cache.clear()
-                cache["version"] = version
+                cache.update(version=version, checked=checked)
             location = cache[key] = found[0]
         return location
 

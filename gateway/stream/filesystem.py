@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import os
 from array import array
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
-import anyio
-import anyio.to_thread
 from pydicom.dataset import Dataset
 
 from gateway.errors import NotFound, SourceError
@@ -26,6 +25,7 @@ from gateway.stream.source import CHUNK, Entry
 
 __all__ = ["FolderSource"]
 
+T = TypeVar("T")
 _READERS = 16  # concurrent reads per folder: enough to keep a disk queue busy
 
 
@@ -40,6 +40,11 @@ class FolderSource:
     def __getstate__(self) -> dict[str, object]:
         # Harvest sends the source to worker processes; the reader threads stay here.
         return {"name": self.name, "root": self.root, "_executor": None}
+
+    def _run(self, function: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """Blocking file work on this source's reader threads (the event loop's plain executor
+        costs a third of anyio's ``to_thread`` per call, which matters once per frame)."""
+        return asyncio.get_running_loop().run_in_executor(self._readers(), function, *args)
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -81,11 +86,15 @@ class FolderSource:
             raise SourceError(f"source {self.name}: cannot open {location.path}: {exc.strerror}") from exc
 
     async def aiter_instance(self, location: InstanceFile) -> AsyncIterator[bytes]:
-        fd = await anyio.to_thread.run_sync(self._open, location)
+        if location.size <= CHUNK:
+            # Most instances (one CT slice is ~0.5 MB): open, read, close in one thread hop.
+            yield await self._run(self._read_whole, location)
+            return
+        fd = await self._run(self._open, location)
         try:
             offset = 0
             while offset < location.size:
-                chunk = await anyio.to_thread.run_sync(os.pread, fd, CHUNK, offset)
+                chunk = await self._run(os.pread, fd, CHUNK, offset)
                 if not chunk:
                     raise SourceError(f"source {self.name}: {location.path} shrank while being sent")
                 offset += len(chunk)
@@ -93,24 +102,32 @@ class FolderSource:
         finally:
             os.close(fd)
 
+    def _read_whole(self, location: InstanceFile) -> bytes:
+        fd = self._open(location)
+        try:
+            data = os.pread(fd, location.size, 0)
+        finally:
+            os.close(fd)
+        if len(data) != location.size:
+            raise SourceError(f"source {self.name}: {location.path} shrank while being sent")
+        return data
+
     async def aiter_frame(self, location: Location, index: int) -> AsyncIterator[bytes]:
         if location.mode == "decode":
-            yield await anyio.to_thread.run_sync(self._decoded_frame, location, index)
+            yield await self._run(self._decoded_frame, location, index)
             return
         assert location.frames is not None
         fragments = framemap.frame_fragments(location.frames, index)
         if sum(length for _, length in fragments) <= CHUNK:
-            # The common case (one CT or MR frame): one worker-thread hop for open, read, close,
-            # on the event loop's plain executor (a third of the cost of anyio's to_thread).
-            loop = asyncio.get_running_loop()
-            yield await loop.run_in_executor(self._readers(), self._read_small, location, fragments)
+            # The common case (one CT or MR frame): one worker-thread hop for open, read, close.
+            yield await self._run(self._read_small, location, fragments)
             return
-        fd = await anyio.to_thread.run_sync(self._open, location)
+        fd = await self._run(self._open, location)
         try:
             for offset, length in fragments:
                 end = offset + length
                 while offset < end:
-                    chunk = await anyio.to_thread.run_sync(os.pread, fd, min(CHUNK, end - offset), offset)
+                    chunk = await self._run(os.pread, fd, min(CHUNK, end - offset), offset)
                     if not chunk:
                         raise SourceError(f"source {self.name}: {location.path} is shorter than indexed")
                     offset += len(chunk)
@@ -145,7 +162,7 @@ class FolderSource:
         return pixels[index * length : (index + 1) * length]
 
     async def health(self) -> str:
-        return "ok" if await anyio.to_thread.run_sync(self.root.is_dir) else f"folder {self.root} is missing"
+        return "ok" if await self._run(self.root.is_dir) else f"folder {self.root} is missing"
 
     async def aclose(self) -> None:
         if self._executor is not None:

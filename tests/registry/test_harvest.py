@@ -126,3 +126,17 @@ def test_the_same_instance_in_two_sources_is_one_record_with_two_locations(folde
         path.unlink()
     harvest(registry, FolderSource("b", copy))
     assert registry.counts()["instances"] == 6  # still held by source a
+
+
+def test_cached_locations_follow_a_harvest_that_moved_the_file(folder, registry, monkeypatch):
+    import gateway.registry.store as store
+
+    monkeypatch.setattr(store, "_CACHE_CHECK", 0.0)  # check on every lookup for this test
+    harvest(registry, FolderSource("a", folder))
+    path = sorted(folder.iterdir())[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    assert registry.instance_location(*uids).path == path.name
+    path.rename(folder / "moved.dcm")
+    harvest(registry, FolderSource("a", folder))
+    assert registry.instance_location(*uids).path == "moved.dcm"
