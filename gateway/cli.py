@@ -81,7 +81,7 @@ def _index(config: Config, workers: int) -> int:
             print(
                 f"{source.name}: {stats.seen} files seen, {stats.indexed} indexed, "
                 f"{stats.skipped} unchanged, {stats.failed} failed, {stats.removed} removed "
-                f"in {elapsed:.1f} s; {stats.instances} instances held"
+                f"in {elapsed:.2f} s; {stats.instances} instances held"
             )
     finally:
         if executor is not None:

@@ -22,7 +22,7 @@ from gateway.stream.source import Entry, Source
 __all__ = ["harvest", "parse_entry"]
 
 log = logging.getLogger("gateway.harvest")
-_BATCH = 256
+_BATCH = 64  # entries per parse job: small enough that every worker and the writer overlap
 
 Parsed = tuple[Entry, InstanceRecord | None, PixelInfo | None, str | None]
 
