@@ -1,0 +1,1 @@
+"""The gateway benchmark (entry point: bench/run.py; see bench/README.md)."""
