@@ -76,9 +76,17 @@ def build_record(ds: Dataset, pixel: PixelInfo | None) -> InstanceRecord:
 
 
 def _build_record(ds: Dataset, pixel: PixelInfo | None) -> InstanceRecord:
-    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    paths: list[str] = []  # bulk data paths; the URIs need the UIDs, known once the JSON is built
+
+    def placeholder(path: str) -> str:
+        paths.append(path)
+        return f"\x00{len(paths) - 1}"
+
+    body = dataset_json(ds, placeholder)
+    uids = (_uid(body, "0020000D"), _uid(body, "0020000E"), _uid(body, "00080018"))
     base = f"/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/bulk/"
-    body = dataset_json(ds, lambda path: base + path)
+    if paths:
+        _resolve_bulk(body, base, paths)
     # Text is served as UTF-8 whatever the file's character set (PS3.18 F.2: JSON is UTF-8).
     if "00080005" in body:
         body["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
@@ -106,6 +114,27 @@ def _build_record(ds: Dataset, pixel: PixelInfo | None) -> InstanceRecord:
         columns["instance"],
         orjson.dumps(body, option=orjson.OPT_SORT_KEYS),
     )
+
+
+def _uid(body: dict[str, Any], tag: str) -> str:
+    values = body.get(tag, {}).get("Value")
+    if not values or not values[0]:
+        raise DicomFileError(f"missing UID ({tag})")
+    return str(values[0])
+
+
+def _resolve_bulk(node: Any, base: str, paths: list[str]) -> None:
+    """Replace the placeholder BulkDataURIs with the gateway's URIs (rare: large binary values)."""
+    if isinstance(node, dict):
+        uri = node.get("BulkDataURI")
+        if isinstance(uri, str) and uri.startswith("\x00"):
+            node["BulkDataURI"] = base + paths[int(uri[1:])]
+        for value in node.values():
+            if isinstance(value, dict | list):
+                _resolve_bulk(value, base, paths)
+    elif isinstance(node, list):
+        for item in node:
+            _resolve_bulk(item, base, paths)
 
 
 def _columns(body: dict[str, Any], keywords: tuple[str, ...]) -> dict[str, Any]:

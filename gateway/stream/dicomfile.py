@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import pydicom
 import pydicom.config
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
@@ -93,11 +94,9 @@ def _pixel_info(fp: BinaryIO, ds: Dataset, size: int) -> PixelInfo | None:
         return None
     if ts == DeflatedExplicitVRLittleEndian:
         # The file position is inside pydicom's inflated copy, not the file: decode on request.
-        frame_len = framemap.frame_length(
-            int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 16))
-        )
-        count = int(ds.get("NumberOfFrames", 1) or 1)
-        vr = "OW" if int(ds.get("BitsAllocated", 16)) > 8 else "OB"
+        frame_len = _frame_length(ds)
+        count = _number(ds, "NumberOfFrames", 1) or 1
+        vr = "OW" if _number(ds, "BitsAllocated", 16) > 8 else "OB"
         return PixelInfo(str(ts), "decode", False, vr, -1, -1, {"decode": [frame_len, count]})
     position = fp.tell()
     little = ts != ExplicitVRBigEndian
@@ -109,14 +108,14 @@ def _pixel_info(fp: BinaryIO, ds: Dataset, size: int) -> PixelInfo | None:
         return None
     implicit = ts == ImplicitVRLittleEndian
     if implicit:
-        vr = "OW" if int(ds.get("BitsAllocated", 16)) > 8 else "OB"
+        vr = "OW" if _number(ds, "BitsAllocated", 16) > 8 else "OB"
         (length,) = struct.unpack("<I", header[4:8])
         value_offset = position + 8
     else:
         vr = header[4:6].decode("ascii", "replace")
         (length,) = struct.unpack("<I" if little else ">I", header[8:12])
         value_offset = position + 12
-    count = int(ds.get("NumberOfFrames", 1) or 1)
+    count = _number(ds, "NumberOfFrames", 1) or 1
     encapsulated = length == _UNDEFINED
     frames: framemap.Packed | None = None
     error: str | None = None
@@ -134,21 +133,52 @@ def _pixel_info(fp: BinaryIO, ds: Dataset, size: int) -> PixelInfo | None:
                 raise DicomFileError(
                     f"pixel data is truncated: file ends {value_offset + length - size} bytes early"
                 )
-            frame_len = framemap.frame_length(
-                int(ds.Rows),
-                int(ds.Columns),
-                int(ds.get("SamplesPerPixel", 1)),
-                int(ds.get("BitsAllocated", 16)),
-            )
+            frame_len = _frame_length(ds)
             frames = framemap.pack(framemap.native_map(value_offset, length, frame_len, count))
     except DicomFileError as exc:
         error = exc.message
-    bits = int(ds.get("BitsAllocated", 8))
+    bits = _number(ds, "BitsAllocated", 8)
     swap = 0 if little or encapsulated or bits <= 8 else bits // 8
     mode = "swap" if swap else "direct"
     return PixelInfo(
         str(ts), mode, encapsulated, vr, value_offset, -1 if encapsulated else length, frames, error, swap
     )
+
+
+_NUMBER_TAGS = {
+    "Rows": (0x00280010, "US"),
+    "Columns": (0x00280011, "US"),
+    "SamplesPerPixel": (0x00280002, "US"),
+    "BitsAllocated": (0x00280100, "US"),
+    "NumberOfFrames": (0x00280008, "IS"),
+}
+
+
+def _frame_length(ds: Dataset) -> int:
+    return framemap.frame_length(
+        _number(ds, "Rows", 0),
+        _number(ds, "Columns", 0),
+        _number(ds, "SamplesPerPixel", 1),
+        _number(ds, "BitsAllocated", 16),
+    )
+
+
+def _number(ds: Dataset, keyword: str, default: int) -> int:
+    """An image attribute read from its raw bytes: converting it through pydicom would also
+    leave a converted element behind, which the JSON encoder then handles on its slow path."""
+    tag, vr = _NUMBER_TAGS[keyword]
+    element = ds.get_item(tag) if tag in ds else None
+    if element is None:
+        return default
+    value = element.value
+    if isinstance(element, RawDataElement) and isinstance(value, bytes):
+        if not value:
+            return default
+        if vr == "US":
+            return int(struct.unpack("<H" if element.is_little_endian else ">H", value[:2])[0])
+        text = value.strip(b" \x00").split(b"\\")[0]
+        return int(text) if text else default
+    return int(value) if value not in (None, "") else default
 
 
 def _tag(raw: bytes, little: bool) -> int:
