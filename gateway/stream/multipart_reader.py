@@ -1,0 +1,146 @@
+"""An incremental multipart/related reader (RFC 2046 5.1, PS3.18 8.6.1.2), without I/O.
+
+Upstream WADO-RS responses are read as they arrive: ``feed(chunk)`` returns events, so a part's
+body is passed on before the part, let alone the response, has ended. Memory is bounded by the
+chunk size plus a boundary's length, whatever the part sizes.
+
+Events: ``Headers(dict)`` at the start of a part, ``Data(bytes)`` for body bytes, ``PartEnd()``,
+and ``End()`` after the closing delimiter. Malformed input raises ``MultipartError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.errors import SourceError
+
+__all__ = ["MultipartReader", "Headers", "Data", "PartEnd", "End", "MultipartError", "boundary_of"]
+
+_MAX_HEADERS = 16 * 1024
+
+
+class MultipartError(SourceError):
+    """The upstream body is not the multipart/related payload its Content-Type announced."""
+
+
+@dataclass(frozen=True)
+class Headers:
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Data:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PartEnd:
+    pass
+
+
+@dataclass(frozen=True)
+class End:
+    pass
+
+
+Event = Headers | Data | PartEnd | End
+
+
+def boundary_of(content_type: str) -> str:
+    """The boundary parameter of a multipart Content-Type, quoted or not (dicomweb-client#52)."""
+    for piece in content_type.split(";")[1:]:
+        name, _, value = piece.strip().partition("=")
+        if name.strip().lower() == "boundary":
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if value:
+                return value
+    raise MultipartError(f"no boundary in Content-Type {content_type!r}")
+
+
+class MultipartReader:
+    def __init__(self, boundary: str) -> None:
+        self._first = b"--" + boundary.encode("latin-1")
+        self._delimiter = b"\r\n" + self._first
+        self._buffer = b""
+        self._state = "preamble"  # preamble | headers | body | after | done
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        self._buffer += chunk
+        events: list[Event] = []
+        while True:
+            before = (self._state, len(self._buffer))
+            getattr(self, f"_{self._state}")(events)
+            if (self._state, len(self._buffer)) == before:
+                return events
+
+    def close(self) -> None:
+        """The upstream body ended: anything short of the closing delimiter is an error."""
+        if self._state != "done":
+            raise MultipartError("upstream multipart body ended before its closing delimiter")
+
+    # -- states ----------------------------------------------------------------------------------
+
+    def _preamble(self, events: list[Event]) -> None:
+        start = self._buffer.find(self._first)
+        if start < 0:
+            self._buffer = self._buffer[-len(self._first) :]  # keep what may begin a delimiter
+            return
+        self._buffer = self._buffer[start + len(self._first) :]
+        self._state = "after"
+
+    def _after(self, events: list[Event]) -> None:
+        # After a delimiter: "--" closes the body, CRLF (after optional spaces) starts a part.
+        if len(self._buffer) < 2:
+            return
+        if self._buffer.startswith(b"--"):
+            self._buffer = b""
+            self._state = "done"
+            events.append(End())
+            return
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > 256:
+                raise MultipartError("garbage after a multipart delimiter")
+            return
+        self._buffer = self._buffer[end + 2 :]
+        self._state = "headers"
+
+    def _headers(self, events: list[Event]) -> None:
+        end = self._buffer.find(b"\r\n\r\n")
+        if self._buffer.startswith(b"\r\n"):
+            end, skip = 0, 2  # a part without headers
+        elif end < 0:
+            if len(self._buffer) > _MAX_HEADERS:
+                raise MultipartError("multipart part headers are too long")
+            return
+        else:
+            skip = 4
+        headers: dict[str, str] = {}
+        for line in self._buffer[:end].decode("latin-1").split("\r\n"):
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise MultipartError(f"malformed part header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        self._buffer = self._buffer[end + skip :]
+        self._state = "body"
+        events.append(Headers(headers))
+
+    def _body(self, events: list[Event]) -> None:
+        end = self._buffer.find(self._delimiter)
+        if end < 0:
+            # Pass on all but what could be the start of a delimiter split across chunks.
+            keep = len(self._delimiter) - 1
+            if len(self._buffer) > keep:
+                events.append(Data(self._buffer[:-keep]))
+                self._buffer = self._buffer[-keep:]
+            return
+        if end:
+            events.append(Data(self._buffer[:end]))
+        self._buffer = self._buffer[end + len(self._delimiter) :]
+        self._state = "after"
+        events.append(PartEnd())
+
+    def _done(self, events: list[Event]) -> None:
+        self._buffer = b""  # the epilogue is ignored (RFC 2046)
