@@ -31,10 +31,24 @@ from typing import Any
 
 from gateway.errors import ConfigError
 
-__all__ = ["Config", "ServerConfig", "SourceConfig", "load_config", "default_config"]
+__all__ = ["Config", "ServerConfig", "SourceConfig", "Deadlines", "load_config", "default_config"]
 
-SOURCE_KINDS = ("filesystem",)
+SOURCE_KINDS = ("filesystem", "dicomweb")
 _DEFAULT_INTERVAL = 300.0
+_KEYS = {
+    "filesystem": {"name", "kind", "path", "interval", "priority"},
+    "dicomweb": {
+        "name",
+        "kind",
+        "url",
+        "headers",
+        "interval",
+        "priority",
+        "connect_timeout",
+        "timeout",
+        "total_timeout",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -44,11 +58,25 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class Deadlines:
+    """Every upstream call has a deadline: to connect, for each message (a chunk, a reply), and
+    for a whole exchange (a stream of "pending" replies or slow chunks does not reset it)."""
+
+    connect: float = 5.0
+    message: float = 30.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     name: str
     kind: str
-    path: Path
+    path: Path | None = None  # filesystem
+    url: str | None = None  # dicomweb: base URL of the upstream DICOMweb service
+    headers: tuple[tuple[str, str], ...] = ()  # dicomweb: sent with every request (Authorization)
     interval: float = _DEFAULT_INTERVAL
+    priority: int = 0  # lower is tried first when an instance has several locations
+    deadlines: Deadlines = field(default_factory=Deadlines)
 
 
 @dataclass(frozen=True)
@@ -133,7 +161,7 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
         raise ConfigError("sources: must be an array of tables ([[sources]])")
     sources: list[SourceConfig] = []
     for index, item in enumerate(sources_raw):
-        sources.append(_source(item, f"sources[{index}]", base))
+        sources.append(_source(item, f"sources[{index}]", base, index))
     names = [s.name for s in sources]
     for name in names:
         if names.count(name) > 1:
@@ -141,26 +169,47 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
     return Config(ServerConfig(host, port), url, tuple(sources), origin=origin)
 
 
-def _source(item: Any, where: str, base: Path) -> SourceConfig:
+def _source(item: Any, where: str, base: Path, index: int) -> SourceConfig:
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: must be a table")
-    _only(item, where, {"name", "kind", "path", "interval"})
     name = _typed(item, f"{where}.name", str, None)
     if not name:
         raise ConfigError(f"{where}.name: missing")
     kind = _typed(item, f"{where}.kind", str, None)
     if kind not in SOURCE_KINDS:
         raise ConfigError(f"{where}.kind: {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
-    path_value = _typed(item, f"{where}.path", str, None)
-    if not path_value:
-        raise ConfigError(f"{where}.path: missing (the folder to index)")
-    path = Path(path_value)
-    if not path.is_absolute():
-        path = base / path
+    _only(item, where, _KEYS[kind])
     interval = _typed(item, f"{where}.interval", (int, float), _DEFAULT_INTERVAL)
     if interval <= 0:
         raise ConfigError(f"{where}.interval: must be a positive number of seconds")
-    return SourceConfig(name=name, kind=kind, path=path, interval=float(interval))
+    priority = _typed(item, f"{where}.priority", int, index)
+    common = {"name": name, "kind": kind, "interval": float(interval), "priority": priority}
+    if kind == "filesystem":
+        path_value = _typed(item, f"{where}.path", str, None)
+        if not path_value:
+            raise ConfigError(f"{where}.path: missing (the folder to index)")
+        path = Path(path_value)
+        return SourceConfig(**common, path=path if path.is_absolute() else base / path)
+    url = _typed(item, f"{where}.url", str, None)
+    if not url or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url: missing or not an http(s) URL (the upstream DICOMweb base)")
+    headers = _typed(item, f"{where}.headers", dict, {})
+    for key, value in headers.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}.headers.{key}: expected a string")
+    deadlines = Deadlines(
+        connect=_seconds(item, f"{where}.connect_timeout", Deadlines.connect),
+        message=_seconds(item, f"{where}.timeout", Deadlines.message),
+        total=_seconds(item, f"{where}.total_timeout", Deadlines.total),
+    )
+    return SourceConfig(**common, url=url.rstrip("/"), headers=tuple(headers.items()), deadlines=deadlines)
+
+
+def _seconds(table: dict[str, Any], key: str, default: float) -> float:
+    value = _typed(table, key, (int, float), default)
+    if value <= 0:
+        raise ConfigError(f"{key}: must be a positive number of seconds")
+    return float(value)
 
 
 def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:

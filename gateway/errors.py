@@ -7,7 +7,8 @@
     ├── NotFound (404)                an unknown study / series / instance / frame
     ├── NotAcceptable (406)           no representation matches the Accept header
     ├── SourceError (502)             a source failed to deliver what the index promised
-    │   └── SourceUnavailable (503)   no healthy location for the data
+    │   ├── SourceUnavailable (503)   the source cannot be reached (refused, down, unhealthy)
+    │   └── SourceTimeout (504)       the source missed a deadline
     ├── DicomFileError                a file that cannot be indexed (never reaches HTTP)
     └── RegistryError (500)           the index itself failed
 
@@ -27,6 +28,7 @@ __all__ = [
     "NotAcceptable",
     "SourceError",
     "SourceUnavailable",
+    "SourceTimeout",
     "DicomFileError",
     "RegistryError",
 ]
@@ -66,6 +68,10 @@ class SourceError(GatewayError):
 
 class SourceUnavailable(SourceError):
     status = 503
+
+
+class SourceTimeout(SourceError):
+    status = 504
 
 
 class DicomFileError(GatewayError):

@@ -9,9 +9,11 @@ import anyio
 import anyio.to_thread
 
 from gateway.config import Config, SourceConfig
-from gateway.errors import ConfigError, GatewayError, SourceError
+from gateway.errors import ConfigError, GatewayError
 from gateway.registry.harvest import harvest
 from gateway.registry.store import Registry, SourceStats
+from gateway.stream.dicomweb import DicomwebSource
+from gateway.stream.federation import Federation
 from gateway.stream.filesystem import FolderSource
 from gateway.stream.source import Source
 
@@ -21,8 +23,10 @@ log = logging.getLogger("gateway")
 
 
 def make_source(config: SourceConfig) -> Source:
-    if config.kind == "filesystem":
+    if config.kind == "filesystem" and config.path is not None:
         return FolderSource(config.name, config.path)
+    if config.kind == "dicomweb":
+        return DicomwebSource(config)
     raise ConfigError(f"sources.{config.name}.kind: {config.kind!r} is not supported")
 
 
@@ -31,12 +35,7 @@ class Gateway:
         self.config = config
         self.registry = registry or Registry(config.registry_path)
         self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources}
-
-    def source(self, name: str) -> Source:
-        try:
-            return self.sources[name]
-        except KeyError:
-            raise SourceError(f"instance is held by source {name!r}, which is no longer configured") from None
+        self.federation = Federation(self.sources, {s.name: s.priority for s in config.sources})
 
     def harvest(self, name: str, progress=None, executor: Executor | None = None) -> SourceStats:
         return harvest(self.registry, self.sources[name], progress, executor)

@@ -16,12 +16,8 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import __version__
-from gateway.dicomweb.retrieve import (
-    retrieve_bulk,
-    retrieve_frames,
-    retrieve_instances,
-    retrieve_metadata,
-)
+from gateway.dicomweb.metadata import retrieve_metadata
+from gateway.dicomweb.retrieve import retrieve_bulk, retrieve_frames, retrieve_instances
 from gateway.dicomweb.search import search
 from gateway.errors import GatewayError
 from gateway.service import Gateway

@@ -24,12 +24,14 @@ class MultipartWriter:
         return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
 
     def part_header(
-        self, length: int, transfer_syntax: str | None = None, location: str | None = None
+        self, length: int | None, transfer_syntax: str | None = None, location: str | None = None
     ) -> bytes:
         media = self.part_type
         if transfer_syntax:
             media += f"; transfer-syntax={transfer_syntax}"
-        lines = [f"Content-Type: {media}", f"Content-Length: {length}"]
+        lines = [f"Content-Type: {media}"]
+        if length is not None:  # unknown for parts streamed through from another server
+            lines.append(f"Content-Length: {length}")
         if location:
             lines.append(f"Content-Location: {location}")
         return self._delimiter + ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from gateway.errors import DicomFileError, GatewayError
-from gateway.registry.record import InstanceRecord, build_record
+from gateway.registry.record import InstanceRecord, build_record, record_from_json
 from gateway.registry.store import Registry, SourceStats
 from gateway.stream.dicomfile import PixelInfo
 from gateway.stream.source import Entry, Source
@@ -30,6 +30,9 @@ Parsed = tuple[Entry, InstanceRecord | None, PixelInfo | None, str | None]
 def parse_entry(source: Source, entry: Entry) -> Parsed:
     """Header and record of one entry, or the reason it cannot be indexed (runs in any worker)."""
     try:
+        if entry.prepared is not None:
+            body, pixel = entry.prepared
+            return entry, record_from_json(body), pixel, None
         ds, pixel = source.read_header(entry)
         return entry, build_record(ds, pixel), pixel, None
     except DicomFileError as exc:

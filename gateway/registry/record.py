@@ -21,7 +21,7 @@ from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.registry.dicomjson import dataset_json
 from gateway.stream.dicomfile import PixelInfo
 
-__all__ = ["InstanceRecord", "build_record", "fold_text", "normalize_time", "BULK_KEY"]
+__all__ = ["InstanceRecord", "build_record", "record_from_json", "fold_text", "normalize_time", "BULK_KEY"]
 
 BULK_KEY = b'"BulkDataURI":"'
 
@@ -92,6 +92,24 @@ def _build_record(ds: Dataset, pixel: PixelInfo | None) -> InstanceRecord:
         body["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
     if pixel is not None:
         body["7FE00010"] = {"vr": pixel.vr, "BulkDataURI": base + "7FE00010"}
+    return _record(body, uids)
+
+
+def record_from_json(body: dict[str, Any]) -> InstanceRecord:
+    """The record of an instance known by its DICOM JSON (from an upstream /metadata), whose
+    BulkDataURIs the source already pointed at this gateway."""
+    try:
+        uids = (_uid(body, "0020000D"), _uid(body, "0020000E"), _uid(body, "00080018"))
+        body = dict(body)
+        body["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}  # JSON text is UTF-8 already
+        return _record(body, uids)
+    except DicomFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise DicomFileError(f"malformed DICOM JSON ({type(exc).__name__}: {exc})") from exc
+
+
+def _record(body: dict[str, Any], uids: tuple[str, str, str]) -> InstanceRecord:
     columns = {
         level: _columns(body, keys)
         for level, keys in (

@@ -334,8 +334,9 @@ class Registry:
 
     # -- serving side -------------------------------------------------------------------------
 
-    def locations(self, where: str, params: tuple[Any, ...]) -> list[Location]:
-        """Locations of the instances selected by ``where`` over instances i / series se."""
+    def locations(self, where: str, params: tuple[Any, ...]) -> list[list[Location]]:
+        """Every location of the instances selected by ``where`` (over instances i, series se):
+        one list of alternatives per instance, in study order."""
         rows = self.query(
             "SELECT l.*, i.SeriesInstanceUID, se.StudyInstanceUID FROM instances i "
             "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
@@ -344,28 +345,28 @@ class Registry:
             "i.SOPInstanceUID, l.source",
             params,
         )
-        seen: dict[str, Location] = {}
+        by_instance: dict[str, list[Location]] = {}
         for row in rows:
-            if row["SOPInstanceUID"] in seen:
-                continue  # one location per instance for now; federation picks among them later
-            seen[row["SOPInstanceUID"]] = Location(
-                source=row["source"],
-                path=row["path"],
-                size=row["size"],
-                SOPInstanceUID=row["SOPInstanceUID"],
-                SeriesInstanceUID=row["SeriesInstanceUID"],
-                StudyInstanceUID=row["StudyInstanceUID"],
-                TransferSyntaxUID=row["TransferSyntaxUID"],
-                mode=row["mode"],
-                encapsulated=bool(row["encapsulated"]),
-                frames=orjson.loads(row["frames"]) if row["frames"] is not None else None,
-                frame_error=row["frame_error"],
-                swap=row["swap"] or 0,
+            by_instance.setdefault(row["SOPInstanceUID"], []).append(
+                Location(
+                    source=row["source"],
+                    path=row["path"],
+                    size=row["size"],
+                    SOPInstanceUID=row["SOPInstanceUID"],
+                    SeriesInstanceUID=row["SeriesInstanceUID"],
+                    StudyInstanceUID=row["StudyInstanceUID"],
+                    TransferSyntaxUID=row["TransferSyntaxUID"],
+                    mode=row["mode"],
+                    encapsulated=bool(row["encapsulated"]),
+                    frames=orjson.loads(row["frames"]) if row["frames"] is not None else None,
+                    frame_error=row["frame_error"],
+                    swap=row["swap"] or 0,
+                )
             )
-        return list(seen.values())
+        return list(by_instance.values())
 
-    def instance_location(self, study: str, series: str, instance: str) -> Location | None:
-        """The location of one instance, cached until a harvest commits a change.
+    def instance_location(self, study: str, series: str, instance: str) -> list[Location]:
+        """The locations of one instance (none if unknown), cached until a harvest commits.
 
         This is the per-frame lookup: a viewer asks for every frame of a study one request at a
         time, so the SQL join and the frame map decoding are done once per instance, not per frame.
@@ -387,15 +388,15 @@ class Registry:
                 "se.StudyInstanceUID = ? AND i.SeriesInstanceUID = ? AND i.SOPInstanceUID = ?", key
             )
             if not found:
-                return None
+                return []
             if len(cache) > _LOCATION_CACHE:
                 version, checked = cache["version"], cache["checked"]
                 cache.clear()
                 cache.update(version=version, checked=checked)
-            location = cache[key] = found[0]
+            location = cache[key] = found[0]  # one instance: its list of alternatives
         return location
 
-    def instance_files(self, where: str, params: tuple[Any, ...]) -> list[InstanceFile]:
+    def instance_files(self, where: str, params: tuple[Any, ...]) -> list[list[InstanceFile]]:
         """What a study or series retrieve needs of each instance, without frame maps:
         ~150 bytes an instance, so a 4,000-instance study costs well under a megabyte."""
         rows = self.query(
@@ -406,13 +407,10 @@ class Registry:
             "i.SOPInstanceUID, l.source",
             params,
         )
-        seen: set[str] = set()
-        out = []
+        by_instance: dict[str, list[InstanceFile]] = {}
         for source, path, size, syntax, uid in rows:
-            if uid not in seen:  # one location per instance for now; federation picks later
-                seen.add(uid)
-                out.append(InstanceFile(source, path, size, syntax, uid))
-        return out
+            by_instance.setdefault(uid, []).append(InstanceFile(source, path, size, syntax, uid))
+        return list(by_instance.values())
 
     def metadata(self, where: str, params: tuple[Any, ...]) -> list[bytes]:
         rows = self.query(

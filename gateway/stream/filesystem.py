@@ -161,6 +161,28 @@ class FolderSource:
         )
         return pixels[index * length : (index + 1) * length]
 
+    async def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:
+        yield await self._run(self._bulk_value, location, tag_path)
+
+    def _bulk_value(self, location: Location, tag_path: str) -> bytes:
+        import pydicom
+
+        missing = NotFound(f"instance {location.SOPInstanceUID} has no bulk data at {tag_path}")
+        try:
+            node: Any = pydicom.dcmread(self.root / location.path, stop_before_pixels=True)
+        except FileNotFoundError:
+            raise NotFound(f"instance {location.SOPInstanceUID}: file gone from source {self.name}") from None
+        except Exception as exc:  # pydicom's many error types on a file that changed under us
+            raise SourceError(f"source {self.name}: cannot read {location.path}: {exc}") from exc
+        try:
+            for position, part in enumerate(tag_path.split("/")):
+                node = node[int(part)] if position % 2 else node[int(part, 16)].value
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise missing from None
+        if not isinstance(node, bytes):
+            raise missing
+        return node
+
     async def health(self) -> str:
         return "ok" if await self._run(self.root.is_dir) else f"folder {self.root} is missing"
 

@@ -7,7 +7,8 @@ own: it is given a ``read_at(offset, length) -> bytes`` callable, so tests feed 
 A map is a tuple of frames; each frame is a tuple of ``(offset, length)`` fragments in file order.
 Native frames have one fragment each. It serialises to a compact JSON form for the registry:
 ``{"native": [offset, frame_length, count]}`` or ``{"fragments": [[[off, len], ...], ...]}``, and for
-files whose frames must be decoded (deflated) ``{"decode": [frame_length, count]}``.
+files whose frames must be decoded (deflated) ``{"decode": [frame_length, count]}``. Remote sources
+record ``{"remote": count, "bulk": {tag_path: upstream URI}}``: their frames are fetched by number.
 """
 
 from __future__ import annotations
@@ -177,11 +178,16 @@ def frame_count(packed: Packed) -> int:
         return int(packed["native"][2])
     if "decode" in packed:
         return int(packed["decode"][1])
+    if "remote" in packed:
+        return int(packed["remote"])
     return len(packed["fragments"])
 
 
-def frame_size(packed: Packed, index: int) -> int:
-    """Bytes in frame ``index`` as served (known before reading, for Content-Length)."""
+def frame_size(packed: Packed, index: int) -> int | None:
+    """Bytes in frame ``index`` as served (known before reading, for Content-Length), or None
+    for frames of a remote source."""
+    if "remote" in packed:
+        return None
     if "native" in packed:
         return int(packed["native"][1])
     if "decode" in packed:

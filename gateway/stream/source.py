@@ -9,8 +9,8 @@ Harvest asks a source what it holds (``scan``) and for each new or changed entry
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
@@ -29,6 +29,9 @@ class Entry:
     path: str
     size: int
     mtime_ns: int
+    # Remote sources list instances with their DICOM JSON already in hand (a series' /metadata):
+    # (body, pixel info), so harvest builds the record without reading anything else.
+    prepared: tuple[dict[str, Any], PixelInfo | None] | None = field(default=None, compare=False)
 
 
 class Source(Protocol):
@@ -49,6 +52,10 @@ class Source(Protocol):
 
     def aiter_frame(self, location: Location, index: int) -> AsyncIterator[bytes]:
         """The bytes of frame ``index`` (0-based), little endian, as stored otherwise."""
+        ...
+
+    def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:
+        """The value of a binary element other than Pixel Data ('TAG' or 'SEQ/index/TAG...')."""
         ...
 
     async def health(self) -> str:

@@ -1,0 +1,225 @@
+"""An upstream DICOMweb service as a source: a PACS's DICOMweb endpoint, or another gateway.
+
+Harvest walks QIDO-RS (studies, then their series) and reads each series' WADO-RS ``/metadata``
+once; the instances' DICOM JSON is stored with BulkDataURIs pointing at this gateway, the upstream
+URIs kept beside the location. Retrieval streams WADO-RS straight through: the upstream multipart
+body is parsed as it arrives and each part's bytes are passed on, never buffered whole.
+
+Deadlines (PS3.18 does not set them; users of peers ask for them, dicomweb-client#87): connecting,
+each message (a chunk), and each whole exchange, which a trickle of slow chunks cannot extend.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+import orjson
+from pydicom.uid import UID
+
+from gateway.config import SourceConfig
+from gateway.errors import GatewayError, NotFound, SourceError, SourceTimeout, SourceUnavailable
+from gateway.registry.store import InstanceFile, Location
+from gateway.stream.dicomfile import PixelInfo
+from gateway.stream.multipart_reader import Data, MultipartReader, PartEnd, boundary_of
+from gateway.stream.source import Entry
+
+__all__ = ["DicomwebSource"]
+
+_PAGE = 500  # studies per QIDO page
+_ANY_INSTANCE = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+_ANY_FRAME = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+
+class DicomwebSource:
+    kind = "dicomweb"
+
+    def __init__(self, config: SourceConfig) -> None:
+        assert config.url is not None
+        self.name = config.name
+        self.url = config.url
+        self.headers = dict(config.headers)
+        self.deadlines = config.deadlines
+        self._client: httpx.AsyncClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def _timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.deadlines.message, connect=self.deadlines.connect)
+
+    # -- harvest (blocking, in a worker thread) ------------------------------------------------------
+
+    def scan(self) -> Iterator[Entry]:
+        with httpx.Client(base_url=self.url, headers=self.headers, timeout=self._timeout()) as http:
+            offset = 0
+            while True:
+                studies = self._json(http, "/studies", {"limit": str(_PAGE), "offset": str(offset)})
+                for study in studies:
+                    study_uid = _value(study, "0020000D")
+                    for series in self._json(http, f"/studies/{study_uid}/series", {}):
+                        series_uid = _value(series, "0020000E")
+                        path = f"/studies/{study_uid}/series/{series_uid}/metadata"
+                        for item in self._json(http, path, {}):
+                            yield self._entry(item)
+                if len(studies) < _PAGE:
+                    return
+                offset += _PAGE
+
+    def read_header(self, entry: Entry) -> Any:
+        raise SourceError(f"source {self.name}: entries come with their metadata")  # never called
+
+    def _json(self, http: httpx.Client, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        started = time.monotonic()
+        try:
+            response = http.get(path, params=params, headers={"Accept": "application/dicom+json"})
+        except httpx.HTTPError as exc:
+            raise self._error(exc, path) from exc
+        if time.monotonic() - started > self.deadlines.total:
+            raise SourceTimeout(f"source {self.name}: {path} took longer than {self.deadlines.total:g} s")
+        if response.status_code == 204:
+            return []
+        if response.status_code != 200:
+            raise SourceError(f"source {self.name}: {path} answered {response.status_code}")
+        try:
+            body = orjson.loads(response.content) if response.content else []
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(f"source {self.name}: {path} did not answer JSON ({exc})") from exc
+        if not isinstance(body, list):
+            raise SourceError(f"source {self.name}: {path} did not answer a JSON array")
+        return body
+
+    def _entry(self, item: dict[str, Any]) -> Entry:
+        """One instance from upstream metadata: BulkDataURIs re-pointed at this gateway."""
+        raw = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+        uids = (_value(item, "0020000D"), _value(item, "0020000E"), _value(item, "00080018"))
+        base = f"/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}"
+        upstream: dict[str, str] = {}
+        body = _repoint(item, f"{base}/bulk/", "", upstream, self.url + base)
+        syntax = _value(item, "00020010", default=None)
+        rows = _value(item, "00280010", default=None)
+        frames = int(_value(item, "00280008", default=1) or 1) if rows else 0
+        pixel = PixelInfo(
+            transfer_syntax=syntax,
+            mode="remote",
+            encapsulated=bool(syntax and UID(syntax).is_encapsulated),
+            vr=body.get("7FE00010", {}).get("vr", "OW"),
+            value_offset=-1,
+            value_length=-1,
+            frames={"remote": frames, "bulk": upstream},
+        )
+        if rows and "7FE00010" not in body:
+            body["7FE00010"] = {"vr": pixel.vr, "BulkDataURI": f"{base}/bulk/7FE00010"}
+        # Size and a checksum of the metadata stand in for size and mtime: unchanged is skipped.
+        return Entry(base, len(raw), zlib.crc32(raw), prepared=(body, pixel))
+
+    # -- serving -------------------------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.url,
+                headers=self.headers,
+                timeout=self._timeout(),
+                limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            )
+        return self._client
+
+    async def aiter_instance(self, location: InstanceFile) -> AsyncIterator[bytes]:
+        async for chunk in self._first_part(location.path, _ANY_INSTANCE):
+            yield chunk
+
+    async def aiter_frame(self, location: Location, index: int) -> AsyncIterator[bytes]:
+        async for chunk in self._first_part(f"{location.path}/frames/{index + 1}", _ANY_FRAME):
+            yield chunk
+
+    async def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:
+        uri = (location.frames or {}).get("bulk", {}).get(tag_path)
+        if uri is None:
+            raise NotFound(f"instance {location.SOPInstanceUID} has no bulk data at {tag_path}")
+        async for chunk in self._first_part(uri, _ANY_FRAME):
+            yield chunk
+
+    async def _first_part(self, path: str, accept: str) -> AsyncIterator[bytes]:
+        """The body of the first part of an upstream multipart response, chunk by chunk."""
+        deadline = time.monotonic() + self.deadlines.total
+        try:
+            async with self._http().stream("GET", path, headers={"Accept": accept}) as response:
+                self._check(response, path)
+                reader = MultipartReader(boundary_of(response.headers.get("content-type", "")))
+                async for chunk in response.aiter_raw():
+                    if time.monotonic() > deadline:
+                        raise SourceTimeout(
+                            f"source {self.name}: {path} took longer than {self.deadlines.total:g} s"
+                        )
+                    for event in reader.feed(chunk):
+                        if isinstance(event, Data):
+                            yield event.data
+                        elif isinstance(event, PartEnd):
+                            return
+                raise SourceError(f"source {self.name}: {path} ended before its first part did")
+        except httpx.HTTPError as exc:
+            raise self._error(exc, path) from exc
+
+    def _check(self, response: httpx.Response, path: str) -> None:
+        if response.status_code == 200:
+            return
+        if response.status_code == 404:
+            raise NotFound(f"source {self.name} does not hold {path}")
+        raise SourceError(f"source {self.name}: {path} answered {response.status_code}")
+
+    def _error(self, exc: httpx.HTTPError, path: str) -> GatewayError:
+        if isinstance(exc, httpx.TimeoutException):
+            return SourceTimeout(f"source {self.name}: no answer for {path} within the deadline ({exc!r})")
+        if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError):
+            return SourceUnavailable(f"source {self.name} at {self.url} is unreachable ({exc})")
+        return SourceError(f"source {self.name}: {path} failed ({exc!r})")
+
+    async def health(self) -> str:
+        try:
+            response = await self._http().get(
+                "/studies", params={"limit": "1"}, headers={"Accept": "application/dicom+json"}
+            )
+        except httpx.HTTPError as exc:
+            return self._error(exc, "/studies").message
+        return "ok" if response.status_code in (200, 204) else f"QIDO answered {response.status_code}"
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def _value(item: dict[str, Any], tag: str, default: Any = ...) -> Any:
+    values = item.get(tag, {}).get("Value")
+    if values:
+        return values[0]
+    if default is ...:
+        raise SourceError(f"upstream metadata lacks ({tag[:4]},{tag[4:]})")
+    return default
+
+
+def _repoint(node: Any, base: str, prefix: str, upstream: dict[str, str], upstream_base: str) -> Any:
+    """A copy of ``node`` with every BulkDataURI pointing at this gateway; the upstream URI of each
+    tag path is recorded in ``upstream`` (made absolute)."""
+    out: dict[str, Any] = {}
+    for tag, element in node.items():
+        if not isinstance(element, dict):
+            out[tag] = element
+            continue
+        path = prefix + tag
+        element = dict(element)
+        if "BulkDataURI" in element:
+            upstream[path] = urljoin(upstream_base + "/", element["BulkDataURI"])
+            element["BulkDataURI"] = base + path
+        if element.get("vr") == "SQ" and element.get("Value"):
+            element["Value"] = [
+                _repoint(item, base, f"{path}/{index}/", upstream, upstream_base)
+                for index, item in enumerate(element["Value"])
+            ]
+        out[tag] = element
+    return out
