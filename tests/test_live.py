@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,58 +11,16 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 
 from fixtures.generate import make_ct_study
-from tests.conftest import FIXTURES, ROOT
+from tests.conftest import FIXTURES
 from tests.dicomweb.test_retrieve import expected_frames
+from tests.peers import folder_source, running_gateway
 
 pytestmark = pytest.mark.network
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_gateway(folder: Path, work: Path) -> Iterator[str]:
-    """``gateway serve`` as a subprocess on a free loopback port; yields the DICOMweb base URL
-    once the harvest at start has indexed something, and stops the server after."""
-    port = free_port()
-    config = work / "gateway.toml"
-    config.write_text(
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
-        f'[registry]\nurl = "sqlite:///{work / "registry.db"}"\n'
-        f'[[sources]]\nname = "archive"\nkind = "filesystem"\npath = "{folder}"\n'
-    )
-    log = work / "gateway.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/dicom-web/studies", timeout=2).json():
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("gateway did not start:\n" + log.read_text())
-            time.sleep(0.2)
-        yield url + "/dicom-web"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_gateway(FIXTURES, tmp_path_factory.mktemp("live")) as url:
+    with running_gateway(folder_source("fixtures", FIXTURES), tmp_path_factory.mktemp("live")) as url:
         yield url
 
 
@@ -120,7 +73,7 @@ def test_a_transfer_cut_by_the_source_is_seen_as_incomplete_and_the_server_goes_
     folder = tmp_path / "archive"
     files = sorted(make_ct_study(folder, n_instances=6, rows=128, cols=128))
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    with running_gateway(folder, tmp_path) as url:
+    with running_gateway(folder_source("archive", folder), tmp_path) as url:
         files[-1].write_bytes(files[-1].read_bytes()[:-1000])  # the last instance falls short
         accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
         with pytest.raises(httpx.RemoteProtocolError):
@@ -133,7 +86,7 @@ def test_a_client_hanging_up_mid_study_does_not_stop_the_server(tmp_path):
     folder.mkdir()
     make_ct_study(folder, n_instances=40, rows=256, cols=256)
     ds = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
-    with running_gateway(folder, tmp_path) as url:
+    with running_gateway(folder_source("archive", folder), tmp_path) as url:
         accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
         for _ in range(3):
             with httpx.stream(

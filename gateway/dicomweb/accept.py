@@ -28,6 +28,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
+UNKNOWN = "*"  # an offer whose syntax the gateway cannot tell: acceptable only to transfer-syntax=*
 
 # PS3.18 Table 8.7.3-5 (media types of compressed bulk data and their transfer syntaxes).
 _COMPRESSED = {
@@ -159,7 +160,7 @@ def _accepts(media_range: MediaRange, offer: Offer, default_part: str) -> bool:
     syntax = media_range.params.get("transfer-syntax")
     if syntax is None:
         syntax = _DEFAULT_SYNTAX.get(offer.part_type, EXPLICIT_LE)
-    return syntax == "*" or syntax == offer.transfer_syntax
+    return syntax == "*" or (syntax == offer.transfer_syntax and offer.transfer_syntax != UNKNOWN)
 
 
 def _describe(media_range: MediaRange) -> str:

@@ -27,7 +27,7 @@ class MultipartWriter:
         self, length: int | None, transfer_syntax: str | None = None, location: str | None = None
     ) -> bytes:
         media = self.part_type
-        if transfer_syntax:
+        if transfer_syntax and transfer_syntax != "*":
             media += f"; transfer-syntax={transfer_syntax}"
         lines = [f"Content-Type: {media}"]
         if length is not None:  # unknown for parts streamed through from another server

@@ -21,6 +21,7 @@ from gateway.dicomweb.accept import (
     DEFLATED,
     EXPLICIT_LE,
     IMPLICIT_LE,
+    UNKNOWN,
     MediaRange,
     Offer,
     compressed_media_type,
@@ -75,6 +76,8 @@ def _offer_of(choices: list[tuple[Any, Offer]], chosen: Any) -> Offer:
 
 
 def _instance_offers(location: InstanceFile) -> list[Offer]:
+    if location.TransferSyntaxUID is None and location.remote:
+        return [Offer("application/dicom", UNKNOWN)]  # an upstream that does not say
     stored = location.TransferSyntaxUID or IMPLICIT_LE
     offers = [] if stored in _NOT_FOR_WEB else [Offer("application/dicom", stored)]
     if stored in _NOT_FOR_WEB or stored == DEFLATED:
@@ -95,7 +98,7 @@ async def retrieve_instances(
     ]
     writer = MultipartWriter("application/dicom")
     headers: dict[str, str] = {}
-    if all(len(choices) == 1 and _as_stored(*choices[0]) and choices[0][0].size for choices in plan):
+    if all(len(choices) == 1 and _as_stored(*choices[0]) and not choices[0][0].remote for choices in plan):
         # One known file per instance, sent as stored: the length is known before the first byte.
         sizes = [(choices[0][0].size, choices[0][1].transfer_syntax) for choices in plan]
         total = writer.total_length((writer.part_header(size, syntax), size) for size, syntax in sizes)
@@ -108,7 +111,7 @@ async def retrieve_instances(
             )
             offer = _offer_of(choices, located)
             if _as_stored(located, offer):
-                yield writer.part_header(located.size or None, offer.transfer_syntax)
+                yield writer.part_header(None if located.remote else located.size, offer.transfer_syntax)
                 yield first
                 async for chunk in rest:
                     yield chunk
@@ -123,7 +126,7 @@ async def retrieve_instances(
 
 
 def _as_stored(location: InstanceFile, offer: Offer) -> bool:
-    return offer.transfer_syntax == (location.TransferSyntaxUID or IMPLICIT_LE)
+    return offer.transfer_syntax in (UNKNOWN, location.TransferSyntaxUID or IMPLICIT_LE)
 
 
 # -- frames --------------------------------------------------------------------------------------
@@ -131,6 +134,8 @@ def _as_stored(location: InstanceFile, offer: Offer) -> bool:
 
 def _frame_offers(location: Location) -> list[Offer]:
     _pixel_location(location)
+    if location.TransferSyntaxUID is None and location.mode == "remote":
+        return [Offer("application/octet-stream", UNKNOWN)]  # an upstream that does not say
     stored = location.TransferSyntaxUID or IMPLICIT_LE
     if not location.encapsulated:
         return [Offer("application/octet-stream", EXPLICIT_LE)]  # native bytes, little endian

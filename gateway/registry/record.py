@@ -92,6 +92,12 @@ def _build_record(ds: Dataset, pixel: PixelInfo | None) -> InstanceRecord:
         body["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
     if pixel is not None:
         body["7FE00010"] = {"vr": pixel.vr, "BulkDataURI": base + "7FE00010"}
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax:
+        # The stored syntax, from the file meta: clients (and gateways that use this one as a
+        # source) know what frames and instances will come as without asking for them.
+        body["00020010"] = {"vr": "UI", "Value": [str(syntax)]}
     return _record(body, uids)
 
 

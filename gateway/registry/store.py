@@ -109,15 +109,22 @@ class Location:
     swap: int
 
     def file(self) -> InstanceFile:
-        return InstanceFile(self.source, self.path, self.size, self.TransferSyntaxUID, self.SOPInstanceUID)
+        return InstanceFile(
+            self.source, self.path, self.size, self.TransferSyntaxUID, self.SOPInstanceUID, self.mode
+        )
 
 
 class InstanceFile(NamedTuple):
     source: str
     path: str
-    size: int
+    size: int  # bytes of the stored file; for remote sources, a change token (see ``remote``)
     TransferSyntaxUID: str | None
     SOPInstanceUID: str
+    mode: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.mode == "remote"
 
 
 @dataclass(frozen=True)
@@ -400,7 +407,7 @@ class Registry:
         """What a study or series retrieve needs of each instance, without frame maps:
         ~150 bytes an instance, so a 4,000-instance study costs well under a megabyte."""
         rows = self.query(
-            "SELECT l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID FROM instances i "
+            "SELECT l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID, l.mode FROM instances i "
             "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
             "JOIN locations l ON l.SOPInstanceUID = i.SOPInstanceUID "
             f"WHERE {where} ORDER BY se.SeriesNumber, se.SeriesInstanceUID, i.InstanceNumber, "
@@ -408,8 +415,8 @@ class Registry:
             params,
         )
         by_instance: dict[str, list[InstanceFile]] = {}
-        for source, path, size, syntax, uid in rows:
-            by_instance.setdefault(uid, []).append(InstanceFile(source, path, size, syntax, uid))
+        for source, path, size, syntax, uid, mode in rows:
+            by_instance.setdefault(uid, []).append(InstanceFile(source, path, size, syntax, uid, mode))
         return list(by_instance.values())
 
     def metadata(self, where: str, params: tuple[Any, ...]) -> list[bytes]:

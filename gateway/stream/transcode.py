@@ -22,6 +22,8 @@ __all__ = ["to_explicit_little_endian"]
 def to_explicit_little_endian(stored: bytes, name: str) -> bytes:
     try:
         ds = pydicom.dcmread(io.BytesIO(stored))
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            raise ValueError(f"{ds.file_meta.TransferSyntaxUID.name} is compressed: no transcoding yet")
         big_endian = ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
         if big_endian and "PixelData" in ds and int(ds.get("BitsAllocated", 8)) > 8:
             words = array("H" if int(ds.BitsAllocated) == 16 else "I")

@@ -1,0 +1,72 @@
+"""Real servers for tests, each on a free loopback port, stopped when the test is done."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ROOT
+
+__all__ = ["free_port", "running_gateway", "folder_source", "dicomweb_source"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def folder_source(name: str, folder: Path, priority: int = 0) -> str:
+    return f'[[sources]]\nname = "{name}"\nkind = "filesystem"\npath = "{folder}"\npriority = {priority}\n'
+
+
+def dicomweb_source(name: str, url: str, priority: int = 0, timeout: float = 5.0) -> str:
+    return (
+        f'[[sources]]\nname = "{name}"\nkind = "dicomweb"\nurl = "{url}"\npriority = {priority}\n'
+        f"connect_timeout = 2\ntimeout = {timeout}\ntotal_timeout = 30\n"
+    )
+
+
+@contextlib.contextmanager
+def running_gateway(sources: str, work: Path, wait_for_studies: bool = True) -> Iterator[str]:
+    """``gateway serve`` as a subprocess with the given ``[[sources]]`` tables; yields the
+    DICOMweb base URL once it answers (and, by default, once its first harvest found studies)."""
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = work / "gateway.toml"
+    config.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[registry]\nurl = "sqlite:///{work / "registry.db"}"\n' + sources
+    )
+    log = work / "gateway.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/dicom-web"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                response = httpx.get(f"{url}/studies", timeout=2)
+                if response.status_code == 200 and (response.json() or not wait_for_studies):
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("gateway did not start:\n" + log.read_text())
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

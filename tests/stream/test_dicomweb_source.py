@@ -1,0 +1,162 @@
+"""A DICOMweb upstream as a source, proven against a real server: another gateway on loopback
+(gateway-of-gateways), with the upstream up, down, silent, and beside a folder holding the same
+instances."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+
+from tests.conftest import FIXTURES, fixture_files
+from tests.dicomweb.test_retrieve import expected_frames
+from tests.peers import dicomweb_source, folder_source, running_gateway
+
+pytestmark = pytest.mark.network
+
+ANY_FRAME = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_gateway(folder_source("pacs", FIXTURES), tmp_path_factory.mktemp("upstream")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_gateway(dicomweb_source("remote", upstream), tmp_path_factory.mktemp("front")) as url:
+        yield url
+
+
+def uids(url: str, path: str, tag: str) -> dict[str, dict]:
+    response = httpx.get(f"{url}{path}", timeout=10)
+    assert response.status_code == 200, response.text
+    return {item[tag]["Value"][0]: item for item in response.json()}
+
+
+def test_qido_answers_what_the_upstream_holds_with_the_same_counts(upstream, gateway):
+    ours, theirs = uids(gateway, "/studies", "0020000D"), uids(upstream, "/studies", "0020000D")
+    assert set(ours) == set(theirs)
+    for uid, study in ours.items():
+        assert study["00201208"] == theirs[uid]["00201208"]  # NumberOfStudyRelatedInstances
+        assert study["00081190"]["Value"][0] == f"{gateway}/studies/{uid}"  # RetrieveURL: ours
+
+
+def test_metadata_is_the_upstreams_with_bulk_uris_pointing_here(upstream, gateway):
+    ds = pydicom.dcmread(next(FIXTURES.rglob("*native_multiframe*.dcm")), stop_before_pixels=True)
+    path = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/metadata"
+    ours = {i["00080018"]["Value"][0]: i for i in httpx.get(gateway + path, timeout=10).json()}
+    theirs = {i["00080018"]["Value"][0]: i for i in httpx.get(upstream + path, timeout=10).json()}
+    assert set(ours) == set(theirs)
+    item = ours[str(ds.SOPInstanceUID)]
+    assert item["7FE00010"]["BulkDataURI"].startswith(gateway + "/studies/")
+    assert item["00100010"] == theirs[str(ds.SOPInstanceUID)]["00100010"]
+
+
+@pytest.mark.parametrize("path", fixture_files(), ids=lambda p: Path(p).stem)
+def test_instances_and_frames_streamed_through_equal_the_source_file(gateway, path):
+    client = DICOMwebClient(url=gateway)
+    ds = pydicom.dcmread(path)
+    uid = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    frames = expected_frames(ds)
+    got = client.retrieve_instance_frames(
+        *uid, frame_numbers=list(range(1, len(frames) + 1)), media_types=(("application/octet-stream", "*"),)
+    )
+    assert got == frames
+    instance = client.retrieve_instance(*uid)
+    assert (instance.pixel_array == ds.pixel_array).all()
+
+
+def test_a_source_down_leaves_search_working_and_retrieve_names_it(tmp_path):
+    with running_gateway(folder_source("pacs", FIXTURES), tmp_path / "up") as upstream:
+        stopping = running_gateway(dicomweb_source("site-b", upstream), tmp_path / "front")
+        gateway = stopping.__enter__()
+    try:  # the upstream is stopped now; the front gateway keeps its index
+        studies = uids(gateway, "/studies", "0020000D")
+        assert studies
+        ds = pydicom.dcmread(fixture_files()[0], stop_before_pixels=True)
+        url = (
+            f"{gateway}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}/frames/1"
+        )
+        response = httpx.get(url, headers=ANY_FRAME, timeout=10)
+        assert response.status_code == 503
+        assert "site-b" in response.text and "unreachable" in response.text
+    finally:
+        stopping.__exit__(None, None, None)
+
+
+def test_an_instance_held_twice_is_listed_once_and_fails_over_to_the_other_location(tmp_path):
+    with running_gateway(folder_source("pacs", FIXTURES), tmp_path / "up") as upstream:
+        front = running_gateway(
+            dicomweb_source("remote", upstream, priority=0) + folder_source("local", FIXTURES, priority=1),
+            tmp_path / "front",
+        )
+        gateway = front.__enter__()
+        expected = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in fixture_files()
+        }
+        assert set(uids(gateway, "/studies", "0020000D")) == expected
+        instances = httpx.get(f"{gateway}/instances", timeout=10).json()
+        assert len(instances) == len(fixture_files())  # de-duplicated by SOP Instance UID
+    try:  # the preferred (remote) location is gone: frames come from the folder
+        ds = pydicom.dcmread(fixture_files()[0])
+        url = (
+            f"{gateway}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}/frames/1"
+        )
+        response = httpx.get(url, headers=ANY_FRAME, timeout=10)
+        assert response.status_code == 200
+        assert expected_frames(ds)[0] in response.content
+    finally:
+        front.__exit__(None, None, None)
+
+
+class _SilentOnFrames(http.server.BaseHTTPRequestHandler):
+    """An upstream that answers searches (by asking a real gateway) but never sends frames."""
+
+    upstream = ""
+    release = threading.Event()
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if "/frames/" in self.path:
+            self.release.wait(60)  # silent: no status line, no bytes
+            return
+        answer = httpx.get(self.upstream + self.path, headers={"Accept": self.headers.get("Accept", "*/*")})
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", answer.headers.get("content-type", "application/json"))
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_silent_source_hits_the_deadline_with_a_504(upstream, tmp_path):
+    handler = type("Handler", (_SilentOnFrames,), {"upstream": upstream, "release": threading.Event()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    silent = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with running_gateway(dicomweb_source("slow", silent, timeout=1.0), tmp_path / "front") as gateway:
+            ds = pydicom.dcmread(fixture_files()[0], stop_before_pixels=True)
+            url = (
+                f"{gateway}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                f"/instances/{ds.SOPInstanceUID}/frames/1"
+            )
+            response = httpx.get(url, headers=ANY_FRAME, timeout=20)
+            assert response.status_code == 504
+            assert "slow" in response.text and "deadline" in response.text
+    finally:
+        handler.release.set()
+        server.shutdown()
+        server.server_close()
