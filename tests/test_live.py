@@ -11,9 +11,9 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 
 from fixtures.generate import make_ct_study
+from peers.gateway import folder_source, running_gateway
 from tests.conftest import FIXTURES
 from tests.dicomweb.test_retrieve import expected_frames
-from tests.peers import folder_source, running_gateway
 
 pytestmark = pytest.mark.network
 

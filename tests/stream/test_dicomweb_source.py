@@ -14,9 +14,9 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
+from peers.gateway import dicomweb_source, folder_source, running_gateway
 from tests.conftest import FIXTURES, fixture_files
 from tests.dicomweb.test_retrieve import expected_frames
-from tests.peers import dicomweb_source, folder_source, running_gateway
 
 pytestmark = pytest.mark.network
 

@@ -1,9 +1,8 @@
-"""Real servers for tests, each on a free loopback port, stopped when the test is done."""
+"""The gateway itself as a peer: ``gateway serve`` in a subprocess on a free loopback port."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,11 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT
+from peers.process import PeerError, free_port, stop
 
-__all__ = ["free_port", "running_gateway", "folder_source", "dicomweb_source"]
+ROOT = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["running_gateway", "folder_source", "dicomweb_source"]
 
 
 def folder_source(name: str, folder: Path, priority: int = 0) -> str:
@@ -64,9 +59,8 @@ def running_gateway(sources: str, work: Path, wait_for_studies: bool = True) -> 
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("gateway did not start:\n" + log.read_text())
+                raise PeerError("gateway did not start:\n" + log.read_text())
             time.sleep(0.2)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop(process)
