@@ -21,6 +21,8 @@ TARGET_INDEX_PER_CORE = 600.0  # instances/s per core actually used
 TARGET_METADATA_MS_PER_500 = 50.0  # warm study /metadata for 500 instances (scaled linearly)
 TARGET_FRAMES_RATIO = 2.5  # gateway frames/s over Orthanc's
 TARGET_RSS_RATIO = 1.1  # peak RSS streaming the ~2 GB study / the 500-instance one
+TARGET_FRONTING_FRAMES_RATIO = 0.9  # gateway fronting Orthanc (DICOMweb source): frames/s over Orthanc's
+TARGET_FRONTING_METADATA_SPEEDUP = 3.0  # Orthanc's warm study /metadata ms over the fronting gateway's
 
 CHUNK = 1 << 20  # read size when streaming files and response bodies
 

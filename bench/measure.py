@@ -263,7 +263,7 @@ def measure_metadata(table: Table, server: Server, study: Study, repeats: int) -
     return {}
 
 
-def measure_loads(
+def measure_frames(
     table: Table,
     server: Server,
     study: Study,
@@ -271,8 +271,7 @@ def measure_loads(
     args: argparse.Namespace,
     instances: list[tuple[str, str]],
 ) -> dict[str, Any]:
-    """Frames at each concurrency, then the whole-study retrieve, on one server. Raw results are
-    returned; the rows comparing both servers are added once both have run."""
+    """The frame loads at each concurrency on one server: {"frames_c<N>": best LoadResult}."""
     out: dict[str, Any] = {}
     urls = write_frame_urls(workdir / f"urls-{server.name}.txt", server.port, study, instances)
     warm_page_cache(study.paths)
@@ -293,6 +292,20 @@ def measure_loads(
             best = max(runs, key=lambda r: r.frames_per_s)
             best.all_frames_per_s = [r.frames_per_s for r in runs]
             out[f"frames_c{connections}"] = best
+    return out
+
+
+def measure_loads(
+    table: Table,
+    server: Server,
+    study: Study,
+    workdir: Path,
+    args: argparse.Namespace,
+    instances: list[tuple[str, str]],
+) -> dict[str, Any]:
+    """Frames at each concurrency, then the whole-study retrieve, on one server. Raw results are
+    returned; the rows comparing both servers are added once both have run."""
+    out = measure_frames(table, server, study, workdir, args, instances)
     with table.section(f"{server.name} whole-study retrieve"):
         # A single ~0.5 s transfer is at the mercy of one scheduler hiccup: best of 3 (cheap).
         runs = [whole_study_retrieve(server, study) for _ in range(3)]

@@ -18,8 +18,8 @@ from typing import Any
 
 from bench.common import LAST_JSON, TARGET_FRAMES_RATIO, TARGET_METADATA_MS_PER_500
 from bench.load import LoadResult
-from bench.servers import ORTHANC_BIN
 from bench.study import Study
+from peers.orthanc import ORTHANC_BIN
 
 
 @dataclass

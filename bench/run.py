@@ -13,9 +13,9 @@ bench/out/last.json. Everything listens on 127.0.0.1 on free ports; every server
 starts is stopped again, whatever happens. See bench/README.md.
 
 This file is the entry point (options, and the order of the steps); the steps live beside it:
-servers.py (gateway, Orthanc), study.py, measure.py (index, QIDO, metadata, loads), load.py
-(h2load), memory.py (--big), report.py (table, JSON), common.py (shared helpers). It also runs
-as ``python -m bench.run``.
+servers.py (gateway, Orthanc), study.py, measure.py (index, QIDO, metadata, loads), fronting.py
+(a gateway fronting Orthanc over DICOMweb), load.py (h2load), memory.py (--big), report.py
+(table, JSON), common.py (shared helpers). It also runs as ``python -m bench.run``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import OUT_DIR, log, proc_status_kb
+from bench.fronting import LOG_NAME as FRONTING_LOG
+from bench.fronting import fronting_rows, measure_fronting
 from bench.measure import list_instances, measure_index, measure_loads, measure_metadata, measure_qido
 from bench.memory import measure_big
 from bench.report import Table, comparison_rows, machine_info, publish, verdict
@@ -39,7 +41,6 @@ from bench.servers import (
     log_problems,
     orthanc_available,
     orthanc_server,
-    orthanc_upload,
     write_gateway_config,
 )
 from bench.study import prepare_study
@@ -103,20 +104,26 @@ def run(args: argparse.Namespace) -> int:
             }
     problems += log_problems(logs / "gateway-serve-main.log")
 
-    # Orthanc, the same measurements, after the gateway is stopped (no CPU shared between them)
+    # Orthanc, the same measurements, after the gateway is stopped (no CPU shared between them);
+    # then, with Orthanc still up, a gateway fronting it over DICOMweb (sharing the CPU with it).
     orth: dict[str, Any] | None = None
+    front: dict[str, Any] | None = None
     orthanc_note = "skipped (--skip-orthanc)" if args.skip_orthanc else (orthanc_available() or "")
     if not orthanc_note:
         log("orthanc: starting and uploading")
         with table.section("orthanc"):
-            with orthanc_server(workdir, logs) as server:
-                upload_s = orthanc_upload(server, study.paths)
+            with orthanc_server(workdir, logs, study.paths) as (server, upload_s):
                 log(f"orthanc: uploaded {study.n} files in {upload_s:.1f} s")
                 result = measure_metadata(table, server, study, args.metadata_repeats)
                 if instances is not None:
                     result.update(measure_loads(table, server, study, workdir, args, instances))
                 result["upload_s"] = upload_s
                 orth = result
+                log("fronting: a gateway whose source is Orthanc over DICOMweb")
+                front = {}
+                with table.section("gateway fronting Orthanc"):
+                    front = measure_fronting(table, server, study, workdir, logs, args)
+        problems += log_problems(logs / FRONTING_LOG)
         if orth is None:
             orthanc_note = "ERROR"
 
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             "info",
             **r,
         )
+    fronting_rows(table, study, args, front, orth, orthanc_note)
 
     # --big: does memory stay flat when the study is 8x larger?
     if args.big:

@@ -33,21 +33,16 @@ from gateway.errors import ConfigError
 
 __all__ = ["Config", "ServerConfig", "SourceConfig", "Deadlines", "load_config", "default_config"]
 
-SOURCE_KINDS = ("filesystem", "dicomweb")
+SOURCE_KINDS = ("filesystem", "dicomweb", "dimse")
 _DEFAULT_INTERVAL = 300.0
+_COMMON_KEYS = {"name", "kind", "interval", "priority"}
+_DEADLINE_KEYS = {"connect_timeout", "timeout", "total_timeout"}
 _KEYS = {
-    "filesystem": {"name", "kind", "path", "interval", "priority"},
-    "dicomweb": {
-        "name",
-        "kind",
-        "url",
-        "headers",
-        "interval",
-        "priority",
-        "connect_timeout",
-        "timeout",
-        "total_timeout",
-    },
+    "filesystem": _COMMON_KEYS | {"path"},
+    "dicomweb": _COMMON_KEYS | _DEADLINE_KEYS | {"url", "headers"},
+    "dimse": _COMMON_KEYS
+    | _DEADLINE_KEYS
+    | {"host", "port", "called_ae", "calling_ae", "retrieve", "move_destination_port"},
 }
 
 
@@ -74,6 +69,12 @@ class SourceConfig:
     path: Path | None = None  # filesystem
     url: str | None = None  # dicomweb: base URL of the upstream DICOMweb service
     headers: tuple[tuple[str, str], ...] = ()  # dicomweb: sent with every request (Authorization)
+    host: str | None = None  # dimse: the PACS's address, port and AE titles
+    port: int = 104
+    called_ae: str = "ANY-SCP"
+    calling_ae: str = "GATEWAY"
+    retrieve: str = "c-get"  # dimse: "c-get", or "c-move" to an in-process Storage SCP
+    move_destination_port: int | None = None  # dimse c-move: where the PACS sends (as calling_ae)
     interval: float = _DEFAULT_INTERVAL
     priority: int = 0  # lower is tried first when an instance has several locations
     deadlines: Deadlines = field(default_factory=Deadlines)
@@ -190,6 +191,13 @@ def _source(item: Any, where: str, base: Path, index: int) -> SourceConfig:
             raise ConfigError(f"{where}.path: missing (the folder to index)")
         path = Path(path_value)
         return SourceConfig(**common, path=path if path.is_absolute() else base / path)
+    deadlines = Deadlines(
+        connect=_seconds(item, f"{where}.connect_timeout", Deadlines.connect),
+        message=_seconds(item, f"{where}.timeout", Deadlines.message),
+        total=_seconds(item, f"{where}.total_timeout", Deadlines.total),
+    )
+    if kind == "dimse":
+        return _dimse(item, where, common, deadlines)
     url = _typed(item, f"{where}.url", str, None)
     if not url or not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.url: missing or not an http(s) URL (the upstream DICOMweb base)")
@@ -197,12 +205,38 @@ def _source(item: Any, where: str, base: Path, index: int) -> SourceConfig:
     for key, value in headers.items():
         if not isinstance(value, str):
             raise ConfigError(f"{where}.headers.{key}: expected a string")
-    deadlines = Deadlines(
-        connect=_seconds(item, f"{where}.connect_timeout", Deadlines.connect),
-        message=_seconds(item, f"{where}.timeout", Deadlines.message),
-        total=_seconds(item, f"{where}.total_timeout", Deadlines.total),
-    )
     return SourceConfig(**common, url=url.rstrip("/"), headers=tuple(headers.items()), deadlines=deadlines)
+
+
+def _dimse(item: dict[str, Any], where: str, common: dict[str, Any], deadlines: Deadlines) -> SourceConfig:
+    host = _typed(item, f"{where}.host", str, None)
+    if not host:
+        raise ConfigError(f"{where}.host: missing (the PACS's address)")
+    port = _typed(item, f"{where}.port", int, 104)
+    called = _typed(item, f"{where}.called_ae", str, "ANY-SCP")
+    calling = _typed(item, f"{where}.calling_ae", str, "GATEWAY")
+    for key, title in (("called_ae", called), ("calling_ae", calling)):
+        if not 0 < len(title) <= 16 or "\\" in title:
+            raise ConfigError(f"{where}.{key}: {title!r} is not an AE title (1 to 16 characters)")
+    retrieve = _typed(item, f"{where}.retrieve", str, "c-get")
+    if retrieve not in ("c-get", "c-move"):
+        raise ConfigError(f"{where}.retrieve: {retrieve!r} is not c-get or c-move")
+    move_port = _typed(item, f"{where}.move_destination_port", int, None)
+    if retrieve == "c-move" and move_port is None:
+        raise ConfigError(f"{where}.move_destination_port: needed for c-move (where the PACS sends)")
+    for key, number in (("port", port), ("move_destination_port", move_port)):
+        if number is not None and not 0 < number <= 65535:
+            raise ConfigError(f"{where}.{key}: {number} is outside 1-65535")
+    return SourceConfig(
+        **common,
+        host=host,
+        port=port,
+        called_ae=called,
+        calling_ae=calling,
+        retrieve=retrieve,
+        move_destination_port=move_port,
+        deadlines=deadlines,
+    )
 
 
 def _seconds(table: dict[str, Any], key: str, default: float) -> float:

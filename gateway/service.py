@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 from concurrent.futures import Executor
 
@@ -11,8 +13,12 @@ import anyio.to_thread
 from gateway.config import Config, SourceConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.registry.harvest import harvest
+from gateway.registry.record import build_record
 from gateway.registry.store import Registry, SourceStats
+from gateway.stream import framemap
+from gateway.stream.dicomfile import read_header
 from gateway.stream.dicomweb import DicomwebSource
+from gateway.stream.dimse import DimseSource
 from gateway.stream.federation import Federation
 from gateway.stream.filesystem import FolderSource
 from gateway.stream.source import Source
@@ -27,6 +33,8 @@ def make_source(config: SourceConfig) -> Source:
         return FolderSource(config.name, config.path)
     if config.kind == "dicomweb":
         return DicomwebSource(config)
+    if config.kind == "dimse":
+        return DimseSource(config)
     raise ConfigError(f"sources.{config.name}.kind: {config.kind!r} is not supported")
 
 
@@ -36,9 +44,28 @@ class Gateway:
         self.registry = registry or Registry(config.registry_path)
         self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources}
         self.federation = Federation(self.sources, {s.name: s.priority for s in config.sources})
+        for source in self.sources.values():
+            if isinstance(source, DimseSource):
+                source.learn = functools.partial(self._learn, source.name)
+
+    def _learn(self, source: str, path: str, data: bytes) -> None:
+        """Index what an instance received from a remote source says about itself."""
+        try:
+            ds, pixel = read_header(io.BytesIO(data))
+            record = build_record(ds, pixel)
+        except GatewayError as exc:
+            log.warning("source %s: instance at %s cannot be indexed: %s", source, path, exc.message)
+            return
+        count = framemap.frame_count(pixel.frames) if pixel and pixel.frames else 0
+        syntax = (
+            pixel.transfer_syntax if pixel and pixel.transfer_syntax else str(ds.file_meta.TransferSyntaxUID)
+        )
+        self.registry.learn(source, path, record, syntax, {"remote": count, "bulk": {}})
 
     def harvest(self, name: str, progress=None, executor: Executor | None = None) -> SourceStats:
-        return harvest(self.registry, self.sources[name], progress, executor)
+        source = self.sources[name]
+        # Worker processes parse files; remote sources hand over parsed metadata already.
+        return harvest(self.registry, source, progress, executor if source.kind == "filesystem" else None)
 
     async def harvest_forever(self, source_config: SourceConfig) -> None:
         """Harvest one source now and then every ``interval`` seconds; errors are logged, the

@@ -15,7 +15,7 @@ from peers.process import PeerError, free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["running_gateway", "folder_source", "dicomweb_source"]
+__all__ = ["running_gateway", "folder_source", "dicomweb_source", "dimse_source"]
 
 
 def folder_source(name: str, folder: Path, priority: int = 0) -> str:
@@ -26,6 +26,23 @@ def dicomweb_source(name: str, url: str, priority: int = 0, timeout: float = 5.0
     return (
         f'[[sources]]\nname = "{name}"\nkind = "dicomweb"\nurl = "{url}"\npriority = {priority}\n'
         f"connect_timeout = 2\ntimeout = {timeout}\ntotal_timeout = 30\n"
+    )
+
+
+def dimse_source(
+    name: str,
+    port: int,
+    called_ae: str,
+    priority: int = 0,
+    retrieve: str = "c-get",
+    move_port: int | None = None,
+    timeout: float = 5.0,
+) -> str:
+    move = f"move_destination_port = {move_port}\n" if move_port else ""
+    return (
+        f'[[sources]]\nname = "{name}"\nkind = "dimse"\nhost = "127.0.0.1"\nport = {port}\n'
+        f'called_ae = "{called_ae}"\ncalling_ae = "GATEWAY"\nretrieve = "{retrieve}"\n{move}'
+        f"priority = {priority}\nconnect_timeout = 2\ntimeout = {timeout}\ntotal_timeout = 30\n"
     )
 
 

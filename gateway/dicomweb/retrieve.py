@@ -180,7 +180,9 @@ async def retrieve_frames(
     _pixel_location(alternatives[0])  # 404 for an instance without pixels, before any Accept error
     ranges = parse_accept(request.headers.get("accept"))
     choices = _choices(ranges, alternatives, _frame_offers, "application/octet-stream")
-    numbers = parse_frame_numbers(frame_list, framemap.frame_count(_pixel_location(choices[0][0])))
+    count = framemap.frame_count(_pixel_location(choices[0][0]))
+    # An unknown count (a PACS that does not say at harvest): the source refuses missing frames.
+    numbers = parse_frame_numbers(frame_list, count if count >= 0 else _MAX_FRAMES_PER_REQUEST * 1000)
     located, first, rest = await gateway.federation.open(
         [location for location, _ in choices], lambda source, loc: source.aiter_frame(loc, numbers[0] - 1)
     )

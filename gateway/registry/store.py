@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
+from pydicom.uid import UID
 
 from gateway.errors import RegistryError
 from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
@@ -107,10 +108,17 @@ class Location:
     frames: dict[str, Any] | None
     frame_error: str | None
     swap: int
+    SOPClassUID: str | None = None
 
     def file(self) -> InstanceFile:
         return InstanceFile(
-            self.source, self.path, self.size, self.TransferSyntaxUID, self.SOPInstanceUID, self.mode
+            self.source,
+            self.path,
+            self.size,
+            self.TransferSyntaxUID,
+            self.SOPInstanceUID,
+            self.mode,
+            self.SOPClassUID,
         )
 
 
@@ -121,6 +129,7 @@ class InstanceFile(NamedTuple):
     TransferSyntaxUID: str | None
     SOPInstanceUID: str
     mode: str | None = None
+    SOPClassUID: str | None = None
 
     @property
     def remote(self) -> bool:
@@ -226,13 +235,7 @@ class Registry:
     ) -> None:
         """Insert or replace one instance and its location (inside a harvest transaction)."""
         self._forget_path(conn, source, path)
-        patient_id = self._upsert_patient(conn, record.patient)
-        study = dict(record.study, patient=patient_id)
-        _upsert(conn, "studies", study, "StudyInstanceUID")
-        series = dict(record.series, StudyInstanceUID=record.uids[0])
-        _upsert(conn, "series", series, "SeriesInstanceUID")
-        instance = dict(record.instance, SeriesInstanceUID=record.uids[1], metadata=record.metadata)
-        _upsert(conn, "instances", instance, "SOPInstanceUID")
+        self._put_record(conn, record)
         conn.execute(
             "INSERT OR REPLACE INTO locations VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
@@ -249,6 +252,28 @@ class Registry:
                 pixel.swap_width if pixel else 0,
             ),
         )
+
+    def learn(
+        self, source: str, path: str, record: InstanceRecord, syntax: str, frames: dict[str, Any]
+    ) -> None:
+        """What a remote source taught us by sending an instance (its full header, stored syntax and
+        frame count), replacing what its search answers said; the location's change tokens stay."""
+        with self.transaction() as conn:
+            self._put_record(conn, record)
+            conn.execute(
+                "UPDATE locations SET TransferSyntaxUID = ?, encapsulated = ?, frames = ? "
+                "WHERE source = ? AND path = ?",
+                (syntax, int(UID(syntax).is_encapsulated), orjson.dumps(frames), source, path),
+            )
+
+    def _put_record(self, conn: sqlite3.Connection, record: InstanceRecord) -> None:
+        patient_id = self._upsert_patient(conn, record.patient)
+        study = dict(record.study, patient=patient_id)
+        _upsert(conn, "studies", study, "StudyInstanceUID")
+        series = dict(record.series, StudyInstanceUID=record.uids[0])
+        _upsert(conn, "series", series, "SeriesInstanceUID")
+        instance = dict(record.instance, SeriesInstanceUID=record.uids[1], metadata=record.metadata)
+        _upsert(conn, "instances", instance, "SOPInstanceUID")
 
     def put_reject(
         self, conn: sqlite3.Connection, source: str, path: str, size: int, mtime_ns: int, reason: str
@@ -345,7 +370,7 @@ class Registry:
         """Every location of the instances selected by ``where`` (over instances i, series se):
         one list of alternatives per instance, in study order."""
         rows = self.query(
-            "SELECT l.*, i.SeriesInstanceUID, se.StudyInstanceUID FROM instances i "
+            "SELECT l.*, i.SeriesInstanceUID, i.SOPClassUID, se.StudyInstanceUID FROM instances i "
             "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
             "JOIN locations l ON l.SOPInstanceUID = i.SOPInstanceUID "
             f"WHERE {where} ORDER BY se.SeriesNumber, se.SeriesInstanceUID, i.InstanceNumber, "
@@ -368,6 +393,7 @@ class Registry:
                     frames=orjson.loads(row["frames"]) if row["frames"] is not None else None,
                     frame_error=row["frame_error"],
                     swap=row["swap"] or 0,
+                    SOPClassUID=row["SOPClassUID"],
                 )
             )
         return list(by_instance.values())
@@ -407,7 +433,8 @@ class Registry:
         """What a study or series retrieve needs of each instance, without frame maps:
         ~150 bytes an instance, so a 4,000-instance study costs well under a megabyte."""
         rows = self.query(
-            "SELECT l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID, l.mode FROM instances i "
+            "SELECT l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID, l.mode, i.SOPClassUID "
+            "FROM instances i "
             "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
             "JOIN locations l ON l.SOPInstanceUID = i.SOPInstanceUID "
             f"WHERE {where} ORDER BY se.SeriesNumber, se.SeriesInstanceUID, i.InstanceNumber, "
@@ -415,8 +442,10 @@ class Registry:
             params,
         )
         by_instance: dict[str, list[InstanceFile]] = {}
-        for source, path, size, syntax, uid, mode in rows:
-            by_instance.setdefault(uid, []).append(InstanceFile(source, path, size, syntax, uid, mode))
+        for source, path, size, syntax, uid, mode, sop_class in rows:
+            by_instance.setdefault(uid, []).append(
+                InstanceFile(source, path, size, syntax, uid, mode, sop_class)
+            )
         return list(by_instance.values())
 
     def metadata(self, where: str, params: tuple[Any, ...]) -> list[bytes]:

@@ -12,8 +12,10 @@ How frames are served later depends on the transfer syntax, decided here once pe
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -33,7 +35,7 @@ from pydicom.uid import (
 from gateway.errors import DicomFileError
 from gateway.stream import framemap
 
-__all__ = ["PixelInfo", "read_header", "MAX_HEADER_BYTES"]
+__all__ = ["PixelInfo", "read_header", "frame_of", "to_little_endian", "MAX_HEADER_BYTES"]
 
 # Real archives hold many slightly invalid values (an IS of "1A", a 65-character UID): index them
 # as they are, without one warning per element; values that cannot be converted at all still make
@@ -50,7 +52,7 @@ _UNDEFINED = 0xFFFFFFFF
 class PixelInfo:
     """Where an instance's frames are and how to serve them."""
 
-    transfer_syntax: str
+    transfer_syntax: str | None  # None: a remote source that does not say
     mode: str  # "direct" | "swap" | "decode"
     encapsulated: bool
     vr: str  # the Pixel Data VR as stored: OB or OW
@@ -61,15 +63,17 @@ class PixelInfo:
     swap_width: int = 0  # 2 or 4 for big endian words
 
 
-def read_header(path: Path) -> tuple[Dataset, PixelInfo | None]:
-    """Parse ``path``'s header; return the dataset (without Pixel Data) and its pixel info."""
+def read_header(path: Path | BinaryIO) -> tuple[Dataset, PixelInfo | None]:
+    """Parse a file's header (a path, or a seekable file object such as an instance received
+    over DIMSE); return the dataset (without Pixel Data) and its pixel info."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            if fp.tell() > MAX_HEADER_BYTES:
-                raise DicomFileError(f"header larger than {MAX_HEADER_BYTES} bytes")
-            pixel = _pixel_info(fp, ds, size)
+        if isinstance(path, Path | str):
+            with open(path, "rb") as fp:
+                return _read_header(fp, os.path.getsize(path))
+        path.seek(0, os.SEEK_END)
+        size = path.tell()
+        path.seek(0)
+        return _read_header(path, size)
     except DicomFileError:
         raise
     except InvalidDicomError as exc:
@@ -82,6 +86,13 @@ def read_header(path: Path) -> tuple[Dataset, PixelInfo | None]:
         raise DicomFileError(f"cannot read file ({exc.strerror or exc})") from exc
     except Exception as exc:  # pydicom raises many types on corrupt input; keep the file's reason
         raise DicomFileError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_header(fp: BinaryIO, size: int) -> tuple[Dataset, PixelInfo | None]:
+    ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    if fp.tell() > MAX_HEADER_BYTES:
+        raise DicomFileError(f"header larger than {MAX_HEADER_BYTES} bytes")
+    pixel = _pixel_info(fp, ds, size)
     if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
         raise DicomFileError("missing SOPInstanceUID, StudyInstanceUID or SeriesInstanceUID")
     return ds, pixel
@@ -194,3 +205,29 @@ def _extended_offsets(ds: Dataset) -> tuple[list[int], list[int]] | None:
         raise DicomFileError("Extended Offset Table is malformed")
     n = len(table) // 8
     return list(struct.unpack(f"<{n}Q", table)), list(struct.unpack(f"<{n}Q", lengths))
+
+
+def frame_of(data: bytes, index: int) -> bytes:
+    """Frame ``index`` (0-based) of a whole Part 10 instance held in memory (received over DIMSE),
+    little endian, as stored otherwise: the same frame map as for files, read from the buffer."""
+    ds, pixel = read_header(io.BytesIO(data))
+    if pixel is None or pixel.frames is None:
+        raise DicomFileError(pixel.frame_error if pixel and pixel.frame_error else "no pixel data")
+    if index >= framemap.frame_count(pixel.frames):
+        raise DicomFileError(f"frame {index + 1} does not exist")
+    if pixel.mode == "decode":
+        full = pydicom.dcmread(io.BytesIO(data))
+        length = _frame_length(full)
+        return bytes(full.PixelData[index * length : (index + 1) * length])
+    frame = b"".join(
+        data[offset : offset + length] for offset, length in framemap.frame_fragments(pixel.frames, index)
+    )
+    return to_little_endian(frame, pixel.swap_width) if pixel.swap_width else frame
+
+
+def to_little_endian(chunk: bytes, width: int) -> bytes:
+    """Big endian words to little endian (PS3.18: web services send little endian frames)."""
+    words = array("H" if width == 2 else "I")
+    words.frombytes(chunk)
+    words.byteswap()
+    return words.tobytes()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ from pydicom.dataset import Dataset
 from gateway.errors import NotFound, SourceError
 from gateway.registry.store import InstanceFile, Location
 from gateway.stream import framemap
-from gateway.stream.dicomfile import PixelInfo, read_header
+from gateway.stream.dicomfile import PixelInfo, read_header, to_little_endian
 from gateway.stream.source import CHUNK, Entry
 
 __all__ = ["FolderSource"]
@@ -131,7 +130,7 @@ class FolderSource:
                     if not chunk:
                         raise SourceError(f"source {self.name}: {location.path} is shorter than indexed")
                     offset += len(chunk)
-                    yield _swap(chunk, location.swap) if location.swap else chunk
+                    yield to_little_endian(chunk, location.swap) if location.swap else chunk
         finally:
             os.close(fd)
 
@@ -144,7 +143,7 @@ class FolderSource:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) != sum(length for _, length in fragments):
             raise SourceError(f"source {self.name}: {location.path} is shorter than indexed")
-        return _swap(data, location.swap) if location.swap else data
+        return to_little_endian(data, location.swap) if location.swap else data
 
     def _decoded_frame(self, location: Location, index: int) -> bytes:
         import pydicom
@@ -189,11 +188,3 @@ class FolderSource:
     async def aclose(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
-
-
-def _swap(chunk: bytes, width: int) -> bytes:
-    # Big endian words to little endian (PS3.18: web services use little endian frames).
-    words = array("H" if width == 2 else "I")
-    words.frombytes(chunk)
-    words.byteswap()
-    return words.tobytes()

@@ -179,7 +179,7 @@ def frame_count(packed: Packed) -> int:
     if "decode" in packed:
         return int(packed["decode"][1])
     if "remote" in packed:
-        return int(packed["remote"])
+        return int(packed["remote"])  # -1 when the source did not say
     return len(packed["fragments"])
 
 

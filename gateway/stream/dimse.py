@@ -1,0 +1,413 @@
+"""A PACS over DIMSE as a source (pynetdicom as SCU): C-ECHO for health, C-FIND to harvest,
+C-GET or C-MOVE to retrieve, nothing written to disk.
+
+pynetdicom is threaded; each retrieval runs in a worker thread and hands every received instance
+to the async response through a bounded queue (``asyncio.Queue(2)``): a slow client slows the
+C-GET instead of filling memory. Associations are reused from a small pool.
+
+Deadlines: ``connect`` for association set-up, ``message`` for each DIMSE message (pynetdicom's
+DIMSE and network timeouts), ``total`` for a whole C-FIND or C-GET: a stream of "pending" replies
+does not reset it (pynetdicom#825), and the association is aborted when it passes.
+Partial C-GET/C-MOVE (sub-operations failed: status B000 or a failure) is an error (pynetdicom#552).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_context, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import StoragePresentationContexts
+
+from gateway.config import SourceConfig
+from gateway.errors import GatewayError, NotFound, SourceError, SourceTimeout, SourceUnavailable
+from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
+from gateway.registry.dicomjson import dataset_json
+from gateway.registry.store import InstanceFile, Location
+from gateway.stream.dicomfile import PixelInfo, frame_of
+from gateway.stream.source import CHUNK, Entry
+
+__all__ = ["DimseSource"]
+
+# SOP classes (PS3.4 Annex A and C.4): Verification, Study Root Query/Retrieve FIND, GET, MOVE.
+VERIFICATION = "1.2.840.10008.1.1"
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+_PENDING = {0xFF00, 0xFF01}
+_POOL = 4  # idle associations kept per source
+_CACHE_BYTES = 128 * 1024 * 1024  # received instances kept for their other frames
+# Transfer syntaxes accepted for received instances: as stored, no transcoding by the PACS.
+_SYNTAXES = [
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+]
+# At most 128 presentation contexts per association (PS3.8 9.3.2.2): 4 for the services above.
+_STORAGE = [str(context.abstract_syntax) for context in StoragePresentationContexts][: 128 - 4]
+_KEYS = {"study": PATIENT + STUDY, "series": SERIES, "image": INSTANCE}
+
+
+class DimseSource:
+    kind = "dimse"
+
+    def __init__(self, config: SourceConfig) -> None:
+        assert config.host is not None
+        self.name = config.name
+        self.config = config
+        self.deadlines = config.deadlines
+        self._idle: dict[str | None, list[Association]] = {}
+        self._lock = threading.Lock()
+        self._threads: ThreadPoolExecutor | None = None
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached = 0
+        self._moves: dict[str, Callable[[bytes | None], None]] = {}  # C-MOVE: SOP UID -> receiver
+        self._scp: Any = None  # the Storage SCP that receives C-MOVE sub-operations
+        self.learn: Callable[[str, bytes], None] | None = None  # set by the gateway
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a DIMSE source harvests in its own process")
+
+    # -- associations -----------------------------------------------------------------------------
+
+    def _ae(self) -> AE:
+        ae = AE(ae_title=self.config.calling_ae)
+        ae.acse_timeout = self.deadlines.connect
+        ae.connection_timeout = self.deadlines.connect
+        ae.dimse_timeout = self.deadlines.message
+        ae.network_timeout = self.deadlines.message
+        return ae
+
+    def _contexts(self, sop_class: str | None) -> list[Any]:
+        contexts = [build_context(model) for model in (VERIFICATION, STUDY_FIND, STUDY_GET, STUDY_MOVE)]
+        if sop_class is None:
+            return contexts + [build_context(storage, _SYNTAXES) for storage in _STORAGE]
+        # One context per transfer syntax: the PACS accepts one syntax per context, and must find
+        # the one the instance is stored in, or it would have to transcode (or fail to send it).
+        return contexts + [build_context(sop_class, syntax) for syntax in _SYNTAXES]
+
+    def _associate(self, sop_class: str | None) -> Association:
+        # C-GET sends the instances back on this association: we take the SCP role for storage.
+        classes = _STORAGE if sop_class is None else [sop_class]
+        roles: list[Any] = [build_role(storage, scp_role=True) for storage in classes]
+        sink: dict[str, Any] = {"put": None}
+
+        def on_store(event: Any) -> int:
+            put = sink["put"]
+            if put is None:
+                return 0xA700  # not expecting instances on this association
+            put(bytes(event.encoded_dataset(include_meta=True)))
+            return 0x0000
+
+        assoc = self._ae().associate(
+            self.config.host or "",
+            self.config.port,
+            contexts=self._contexts(sop_class),
+            ae_title=self.config.called_ae,
+            ext_neg=roles,
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        if not assoc.is_established:
+            what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+            raise SourceUnavailable(
+                f"source {self.name}: association with {self.config.called_ae} at "
+                f"{self.config.host}:{self.config.port} {what}"
+            )
+        assoc.gateway_sink = sink  # type: ignore[attr-defined]
+        return assoc
+
+    @contextlib.contextmanager
+    def _association(self, sop_class: str | None = None) -> Iterator[Association]:
+        """An association from the pool (one pool per SOP class retrieved, one for queries)."""
+        with self._lock:
+            idle = self._idle.setdefault(sop_class, [])
+            assoc = idle.pop() if idle else None
+        if assoc is None or not assoc.is_established:
+            assoc = self._associate(sop_class)
+        try:
+            yield assoc
+        finally:
+            assoc.gateway_sink["put"] = None  # type: ignore[attr-defined]
+            with self._lock:
+                idle = self._idle.setdefault(sop_class, [])
+                if assoc.is_established and len(idle) < _POOL:
+                    idle.append(assoc)
+                    assoc = None  # type: ignore[assignment]
+            if assoc is not None and assoc.is_established:
+                assoc.release()
+
+    # -- harvest: C-FIND (blocking, in a worker thread) ---------------------------------------------
+
+    def scan(self) -> Iterator[Entry]:
+        with self._association() as assoc:
+            for study in self._find(assoc, "STUDY", {}, _KEYS["study"]):
+                study_uid = str(study.StudyInstanceUID)
+                for series in self._find(assoc, "SERIES", {"StudyInstanceUID": study_uid}, _KEYS["series"]):
+                    scope = {
+                        "StudyInstanceUID": study_uid,
+                        "SeriesInstanceUID": str(series.SeriesInstanceUID),
+                    }
+                    for image in self._find(assoc, "IMAGE", scope, _KEYS["image"]):
+                        yield self._entry(study, series, image)
+
+    def read_header(self, entry: Entry) -> Any:
+        raise SourceError(f"source {self.name}: entries come with their attributes")  # never called
+
+    def _find(
+        self, assoc: Association, level: str, match: dict[str, str], keys: tuple[str, ...]
+    ) -> list[Dataset]:
+        query = Dataset()
+        query.QueryRetrieveLevel = level
+        for keyword in keys:
+            setattr(query, keyword, "")
+        for keyword, value in match.items():
+            setattr(query, keyword, value)
+        deadline = time.monotonic() + self.deadlines.total
+        found = []
+        for status, identifier in assoc.send_c_find(query, STUDY_FIND):
+            self._check_deadline(assoc, deadline, f"C-FIND at {level} level")
+            code = self._status(status, f"C-FIND at {level} level")
+            if code in _PENDING and identifier is not None:
+                found.append(identifier)
+        return found
+
+    def _entry(self, study: Dataset, series: Dataset, image: Dataset) -> Entry:
+        merged = Dataset()
+        for identifier in (study, series, image):
+            for element in identifier:
+                if element.keyword not in ("QueryRetrieveLevel", "RetrieveAETitle", "InstanceAvailability"):
+                    merged[element.tag] = element
+        if "SpecificCharacterSet" in image:
+            merged.SpecificCharacterSet = image.SpecificCharacterSet
+        body = dataset_json(merged, lambda path: path)
+        raw = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        base = (
+            f"/studies/{study.StudyInstanceUID}/series/{series.SeriesInstanceUID}"
+            f"/instances/{image.SOPInstanceUID}"
+        )
+        # Many PACS do not return image attributes at IMAGE level (dcmqrscp does not): then the
+        # frame count is unknown (-1) until the instance itself is retrieved.
+        rows = image.get("Rows")
+        frames = int(image.get("NumberOfFrames") or 1) if rows else (0 if "Rows" in image else -1)
+        pixel = PixelInfo(None, "remote", False, "OW", -1, -1, {"remote": frames, "bulk": {}})
+        if frames:
+            body["7FE00010"] = {"vr": "OW", "BulkDataURI": f"{base}/bulk/7FE00010"}
+        return Entry(base, len(raw), zlib.crc32(raw), prepared=(body, pixel))
+
+    # -- retrieve: C-GET or C-MOVE ------------------------------------------------------------------
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(8, thread_name_prefix=f"dimse-{self.name}")
+        return self._threads
+
+    async def aiter_instance(self, location: InstanceFile) -> AsyncIterator[bytes]:
+        data = await self._instance(location.path, location.SOPInstanceUID, location.SOPClassUID)
+        for start in range(0, len(data), CHUNK):
+            yield data[start : start + CHUNK]
+
+    async def aiter_frame(self, location: Location, index: int) -> AsyncIterator[bytes]:
+        data = await self._instance(location.path, location.SOPInstanceUID, location.SOPClassUID)
+        try:
+            yield await asyncio.get_running_loop().run_in_executor(self._pool(), frame_of, data, index)
+        except GatewayError as exc:
+            raise SourceError(f"source {self.name}: {exc.message}") from exc
+
+    async def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:
+        raise NotFound(f"source {self.name}: bulk data other than pixels is not served over DIMSE yet")
+        yield b""  # pragma: no cover  (makes this an async generator)
+
+    async def _instance(self, path: str, uid: str, sop_class: str | None) -> bytes:
+        cached = self._cache.get(uid)
+        if cached is not None:
+            self._cache.move_to_end(uid)
+            return cached
+        received = [chunk async for chunk in self._retrieve(path, sop_class)]
+        if not received:
+            raise NotFound(f"source {self.name} sent nothing for instance {uid}")
+        data = received[0]
+        if self.learn is not None:
+            # The first time an instance comes: its full header completes the index (metadata,
+            # stored syntax, frame count), which C-FIND alone could not give.
+            await asyncio.get_running_loop().run_in_executor(self._pool(), self.learn, path, data)
+        self._cache[uid] = data
+        self._cached += len(data)
+        while self._cached > _CACHE_BYTES and self._cache:
+            self._cached -= len(self._cache.popitem(last=False)[1])
+        return data
+
+    async def _retrieve(self, path: str, sop_class: str | None) -> AsyncIterator[bytes]:
+        """Instances of one C-GET, each as Part 10 bytes, as they arrive."""
+        loop = asyncio.get_running_loop()
+        received: asyncio.Queue[bytes | None] = asyncio.Queue(2)
+
+        def put(data: bytes | None) -> None:  # worker thread: blocks while the client is slow
+            asyncio.run_coroutine_threadsafe(received.put(data), loop).result(self.deadlines.total)
+
+        operation = self._c_move if self.config.retrieve == "c-move" else self._c_get
+        job = loop.run_in_executor(self._pool(), operation, _uids(path), sop_class, put)
+        try:
+            while True:
+                waiter: asyncio.Future[Any] = asyncio.ensure_future(received.get())
+                racing: set[asyncio.Future[Any]] = {waiter, job}
+                done, _ = await asyncio.wait(
+                    racing, timeout=self.deadlines.message, return_when=asyncio.FIRST_COMPLETED
+                )
+                if waiter in done:
+                    item = waiter.result()
+                    if item is None:
+                        break
+                    yield item
+                    continue
+                waiter.cancel()
+                if job in done:
+                    job.result()  # raises what the C-GET hit
+                    break
+                raise SourceTimeout(f"source {self.name}: no instance within {self.deadlines.message:g} s")
+            await job
+        finally:
+            if not job.done():
+                job.cancel()
+
+    def _c_get(
+        self, uids: tuple[str, str, str], sop_class: str | None, put: Callable[[bytes | None], None]
+    ) -> None:
+        with self._association(sop_class) as assoc:
+            assoc.gateway_sink["put"] = put  # type: ignore[attr-defined]
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = uids
+            deadline = time.monotonic() + self.deadlines.total
+            final = None
+            for status, _ in assoc.send_c_get(query, STUDY_GET):
+                self._check_deadline(assoc, deadline, "C-GET")
+                if self._status(status, "C-GET") not in _PENDING:
+                    final = status
+            self._final(final, "C-GET")
+        put(None)
+
+    def _c_move(
+        self, uids: tuple[str, str, str], sop_class: str | None, put: Callable[[bytes | None], None]
+    ) -> None:
+        """C-MOVE to our own Storage SCP (for PACS without C-GET): the instances arrive on other
+        associations, routed here by SOP Instance UID."""
+        self._storage_scp()
+        with self._lock:
+            self._moves[uids[2]] = put
+        try:
+            with self._association() as assoc:
+                query = Dataset()
+                query.QueryRetrieveLevel = "IMAGE"
+                query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = uids
+                deadline = time.monotonic() + self.deadlines.total
+                final = None
+                for status, _ in assoc.send_c_move(query, self.config.calling_ae, STUDY_MOVE):
+                    self._check_deadline(assoc, deadline, "C-MOVE")
+                    if self._status(status, "C-MOVE") not in _PENDING:
+                        final = status
+                self._final(final, "C-MOVE")
+        finally:
+            with self._lock:
+                self._moves.pop(uids[2], None)
+        put(None)
+
+    def _storage_scp(self) -> None:
+        with self._lock:
+            if self._scp is not None:
+                return
+            ae = self._ae()
+            for storage in _STORAGE:
+                ae.add_supported_context(storage, _SYNTAXES)
+
+            def on_store(event: Any) -> int:
+                with self._lock:
+                    put = self._moves.get(str(event.request.AffectedSOPInstanceUID))
+                if put is None:
+                    return 0xA801  # "move destination unknown": we did not ask for this one
+                put(bytes(event.encoded_dataset(include_meta=True)))
+                return 0x0000
+
+            # Listen where the PACS can reach us: loopback for a PACS on this machine.
+            loopback = self.config.host in ("127.0.0.1", "localhost", "::1")
+            address = ("127.0.0.1" if loopback else "", self.config.move_destination_port or 0)
+            self._scp = ae.start_server(address, block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def _final(self, status: Dataset | None, what: str) -> None:
+        """Only full success is success: a warning or failure with failed sub-operations is not."""
+        if status is None:
+            raise SourceError(f"source {self.name}: {what} ended without a final status")
+        code = int(status.Status)
+        failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+        if code == 0x0000 and not failed:
+            return
+        done = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+        raise SourceError(
+            f"source {self.name}: {what} ended with status {code:04X}: {failed} sub-operation(s) failed, "
+            f"{done} completed"
+        )
+
+    def _status(self, status: Dataset, what: str) -> int:
+        if not status or "Status" not in status:
+            raise SourceTimeout(
+                f"source {self.name}: {what} got no reply within {self.deadlines.message:g} s "
+                "(or the association was aborted)"
+            )
+        code = int(status.Status)
+        if code in _PENDING or code == 0x0000 or code & 0xF000 == 0xB000:
+            return code
+        raise SourceError(f"source {self.name}: {what} failed with status {code:04X}")
+
+    def _check_deadline(self, assoc: Association, deadline: float, what: str) -> None:
+        if time.monotonic() > deadline:
+            assoc.abort()
+            raise SourceTimeout(f"source {self.name}: {what} took longer than {self.deadlines.total:g} s")
+
+    # -- health and shutdown ------------------------------------------------------------------------
+
+    async def health(self) -> str:
+        def echo() -> str:
+            try:
+                with self._association() as assoc:
+                    status = assoc.send_c_echo()
+            except GatewayError as exc:
+                return exc.message
+            return "ok" if status and int(status.Status) == 0 else "C-ECHO failed"
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), echo)
+
+    async def aclose(self) -> None:
+        with self._lock:
+            pools, self._idle = self._idle, {}
+        for pool in pools.values():
+            for assoc in pool:
+                assoc.release()
+        if self._scp is not None:
+            self._scp.shutdown()
+            self._scp = None
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+
+
+def _uids(path: str) -> tuple[str, str, str]:
+    parts = path.strip("/").split("/")  # studies/S/series/SE/instances/I
+    return parts[1], parts[3], parts[5]
