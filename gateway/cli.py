@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-harvest", action="store_true", help="serve the index as it is")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per upstream request or association is noise at INFO: their warnings still show.
+    for chatty in ("httpx", "httpcore", "pynetdicom"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         config = load_config(args.config)
         if args.command == "index":

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urljoin
 
+import aiohttp
 import httpx
 import orjson
 from pydicom.uid import UID
@@ -44,7 +45,7 @@ class DicomwebSource:
         self.url = config.url
         self.headers = dict(config.headers)
         self.deadlines = config.deadlines
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
@@ -119,15 +120,22 @@ class DicomwebSource:
 
     # -- serving -------------------------------------------------------------------------------------
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.url,
+    def _session(self) -> aiohttp.ClientSession:
+        # Streaming uses aiohttp: measured against Orthanc, 1.0 ms of CPU per 512 KB frame where
+        # httpx took 3.9 ms (its 64 KiB reads each cross several layers); harvest keeps httpx.
+        if self._client is None or self._client.closed:
+            self._client = aiohttp.ClientSession(
                 headers=self.headers,
-                timeout=self._timeout(),
-                limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self.deadlines.connect, sock_read=self.deadlines.message
+                ),
+                connector=aiohttp.TCPConnector(limit=32),
+                auto_decompress=False,
             )
         return self._client
+
+    def _url(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else self.url + path
 
     async def aiter_instance(self, location: InstanceFile) -> AsyncIterator[bytes]:
         async for chunk in self._first_part(location.path, _ANY_INSTANCE):
@@ -148,10 +156,11 @@ class DicomwebSource:
         """The body of the first part of an upstream multipart response, chunk by chunk."""
         deadline = time.monotonic() + self.deadlines.total
         try:
-            async with self._http().stream("GET", path, headers={"Accept": accept}) as response:
-                self._check(response, path)
-                reader = MultipartReader(boundary_of(response.headers.get("content-type", "")))
-                async for chunk in response.aiter_raw():
+            async with self._session().get(self._url(path), headers={"Accept": accept}) as response:
+                self._check(response.status, path)
+                reader = MultipartReader(boundary_of(response.headers.get("Content-Type", "")))
+                chunks = response.content.iter_any()
+                async for chunk in chunks:
                     if time.monotonic() > deadline:
                         raise SourceTimeout(
                             f"source {self.name}: {path} took longer than {self.deadlines.total:g} s"
@@ -160,37 +169,44 @@ class DicomwebSource:
                         if isinstance(event, Data):
                             yield event.data
                         elif isinstance(event, PartEnd):
+                            # Read the (short) rest, the closing delimiter: a connection whose
+                            # body was left unread cannot be reused, and a new one per frame
+                            # costs more than the frame.
+                            async for _ in chunks:
+                                pass
                             return
                 raise SourceError(f"source {self.name}: {path} ended before its first part did")
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._error(exc, path) from exc
 
-    def _check(self, response: httpx.Response, path: str) -> None:
-        if response.status_code == 200:
+    def _check(self, status: int, path: str) -> None:
+        if status == 200:
             return
-        if response.status_code == 404:
+        if status == 404:
             raise NotFound(f"source {self.name} does not hold {path}")
-        raise SourceError(f"source {self.name}: {path} answered {response.status_code}")
+        raise SourceError(f"source {self.name}: {path} answered {status}")
 
-    def _error(self, exc: httpx.HTTPError, path: str) -> GatewayError:
-        if isinstance(exc, httpx.TimeoutException):
+    def _error(self, exc: Exception, path: str) -> GatewayError:
+        if isinstance(exc, httpx.TimeoutException | TimeoutError | aiohttp.ServerTimeoutError):
             return SourceTimeout(f"source {self.name}: no answer for {path} within the deadline ({exc!r})")
-        if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError):
-            return SourceUnavailable(f"source {self.name} at {self.url} is unreachable ({exc})")
+        if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError | aiohttp.ClientConnectionError):
+            if not isinstance(exc, aiohttp.ClientPayloadError):
+                return SourceUnavailable(f"source {self.name} at {self.url} is unreachable ({exc})")
         return SourceError(f"source {self.name}: {path} failed ({exc!r})")
 
     async def health(self) -> str:
         try:
-            response = await self._http().get(
-                "/studies", params={"limit": "1"}, headers={"Accept": "application/dicom+json"}
-            )
-        except httpx.HTTPError as exc:
+            async with self._session().get(
+                self._url("/studies"), params={"limit": "1"}, headers={"Accept": "application/dicom+json"}
+            ) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return self._error(exc, "/studies").message
-        return "ok" if response.status_code in (200, 204) else f"QIDO answered {response.status_code}"
+        return "ok" if status in (200, 204) else f"QIDO answered {status}"
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
 
