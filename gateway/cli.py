@@ -10,7 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from gateway import __version__
 from gateway.config import Config, load_config
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 from gateway.registry.store import SourceStats
 
 __all__ = ["main"]
@@ -24,12 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="harvest every configured source into the registry")
     index.add_argument("--config", help="TOML configuration file (default: embedded demo)")
+    index.add_argument("--source", help="harvest only this source (by name)")
     index.add_argument(
         "--workers",
         type=int,
         default=os.cpu_count() or 1,
         help="processes parsing headers (default: one per core)",
     )
+    sources = commands.add_parser(
+        "sources", help="list the sources with their health, last harvest and counts"
+    )
+    sources.add_argument("--config", help="TOML configuration file (default: embedded demo)")
     serve = commands.add_parser("serve", help="serve DICOMweb at /dicom-web, harvesting in the background")
     serve.add_argument("--config", help="TOML configuration file (default: embedded demo)")
     serve.add_argument("--host")
@@ -43,14 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         if args.command == "index":
-            return _index(config, args.workers)
+            return _index(config, args.workers, args.source)
+        if args.command == "sources":
+            return _sources(config)
         return _serve(config, args.host, args.port, not args.no_harvest)
     except GatewayError as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
         return 2
 
 
-def _index(config: Config, workers: int) -> int:
+def _index(config: Config, workers: int, only: str | None = None) -> int:
     from tqdm import tqdm
 
     from gateway.service import Gateway
@@ -60,7 +67,12 @@ def _index(config: Config, workers: int) -> int:
     failed = False
     executor = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
+        names = [source.name for source in config.sources]
+        if only is not None and only not in names:
+            raise ConfigError(f"--source: no source named {only!r} (configured: {', '.join(names)})")
         for source in config.sources:
+            if only is not None and source.name != only:
+                continue
             bar = tqdm(
                 desc=f"{source.name}", unit=" files", file=sys.stderr, disable=None
             )  # None: no bar when stderr is not a terminal
@@ -95,6 +107,35 @@ def _index(config: Config, workers: int) -> int:
         f"studies, {counts['series']} series, {counts['instances']} instances"
     )
     return 1 if failed else 0
+
+
+def _sources(config: Config) -> int:
+    import asyncio
+    import time
+
+    from gateway.service import Gateway
+
+    gateway = Gateway(config)
+    runs = {run.name: run for run in gateway.registry.source_runs()}
+
+    async def healths() -> list[str]:
+        try:
+            return list(await asyncio.gather(*(source.health() for source in gateway.sources.values())))
+        finally:
+            await gateway.aclose()
+
+    states = asyncio.run(healths())
+    print(f"{'source':<16} {'kind':<10} {'last harvest':<20} {'instances':>9} {'failed':>6}  health")
+    for (name, source), health in zip(gateway.sources.items(), states, strict=True):
+        run = runs.get(name)
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.finished))
+            if run and run.finished
+            else "never"
+        )
+        counts = f"{run.instances if run else 0:>9} {run.failed if run else 0:>6}"
+        print(f"{name:<16} {source.kind:<10} {when:<20} {counts}  {health}")
+    return 0
 
 
 def _serve(config: Config, host: str | None, port: int | None, harvest: bool) -> int:

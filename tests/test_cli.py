@@ -39,3 +39,32 @@ def test_bad_config_is_one_line_and_exit_code_2(tmp_path):
     result = run("serve", "--config", "gateway.toml", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "gateway: server.port: expected int, got str 'eighty'"
+
+
+def test_index_one_source_and_list_sources_with_their_health(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        shutil.copy(fixture_files()[0], tmp_path / name / "one.dcm")
+    (tmp_path / "gateway.toml").write_text(
+        '[registry]\nurl = "sqlite:///registry.db"\n'
+        '[[sources]]\nname = "a"\nkind = "filesystem"\npath = "a"\n'
+        '[[sources]]\nname = "b"\nkind = "filesystem"\npath = "b"\n'
+        '[[sources]]\nname = "gone"\nkind = "dicomweb"\nurl = "http://127.0.0.1:9/dicom-web"\n'
+        "connect_timeout = 1\n"
+    )
+    result = run("index", "--config", "gateway.toml", "--source", "b", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "b: 1 files seen, 1 indexed" in result.stdout and "a:" not in result.stdout
+    listing = run("sources", "--config", "gateway.toml", cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines()[1:]}
+    assert "never" in lines["a"]
+    assert lines["b"].split()[-3:] == ["1", "0", "ok"]  # instances held, failures, health
+    assert "unreachable" in lines["gone"]
+
+
+def test_index_of_an_unknown_source_names_it(tmp_path):
+    (tmp_path / "gateway.toml").write_text('[registry]\nurl = "sqlite:///registry.db"\n')
+    result = run("index", "--config", "gateway.toml", "--source", "nope", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no source named 'nope'" in result.stderr
