@@ -24,7 +24,7 @@ from gateway.registry.attributes import (
     resolve_attribute,
     vr_of,
 )
-from gateway.registry.record import fold_text, normalize_time
+from gateway.registry.record import INS_ISSUERS, fold_text, normalize_time
 
 __all__ = ["Match", "Query", "parse_qido", "compile_query", "MAX_RESULTS"]
 
@@ -190,7 +190,7 @@ def compile_query(query: Query) -> tuple[str, list[Any], int]:
     for keyword, uid in query.scope.items():
         where.append(f"{column(keyword)} = ?")
         params.append(uid)
-    for match in query.matches:
+    for match in _patient_identity(query.matches, where, params):
         _condition(match, query.fuzzy, where, params)
     selects = (
         ["p.*", "st.*"]
@@ -237,6 +237,23 @@ def compile_query(query: Query) -> tuple[str, list[Any], int]:
     )
     params += [limit + 1, query.offset]  # one more row tells whether the page was cut
     return sql, params, limit
+
+
+def _patient_identity(matches: tuple[Match, ...], where: list[str], params: list[Any]) -> list[Match]:
+    """A patient known by the national identifier (INS) at one site and by a local ID elsewhere is
+    one person: ``PatientID=<INS>&IssuerOfPatientID=<INS OID>`` matches the INS of every site, and a
+    single PatientID also matches an INS equal to it. The other matches are returned untouched."""
+    by_key = {match.keyword: match for match in matches}
+    patient, issuer = by_key.get("PatientID"), by_key.get("IssuerOfPatientID")
+    if patient is None or patient.kind != "single":
+        return list(matches)
+    if issuer is not None and issuer.kind == "single" and issuer.values[0] in INS_ISSUERS:
+        where.append("p.INS = ?")
+        params.append(patient.values[0])
+        return [m for m in matches if m not in (patient, issuer)]
+    where.append("(p.PatientID = ? OR p.INS = ?)")
+    params.extend([patient.values[0], patient.values[0]])
+    return [m for m in matches if m is not patient]
 
 
 def _condition(match: Match, fuzzy: bool, where: list[str], params: list[Any]) -> None:

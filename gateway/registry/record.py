@@ -21,7 +21,16 @@ from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.registry.dicomjson import dataset_json
 from gateway.stream.dicomfile import PixelInfo
 
-__all__ = ["InstanceRecord", "build_record", "record_from_json", "fold_text", "normalize_time", "BULK_KEY"]
+__all__ = [
+    "InstanceRecord",
+    "build_record",
+    "record_from_json",
+    "national_identity",
+    "INS_ISSUERS",
+    "fold_text",
+    "normalize_time",
+    "BULK_KEY",
+]
 
 BULK_KEY = b'"BulkDataURI":"'
 
@@ -127,6 +136,7 @@ def _record(body: dict[str, Any], uids: tuple[str, str, str]) -> InstanceRecord:
     }
     columns["patient"].setdefault("PatientID", "")
     columns["patient"].setdefault("IssuerOfPatientID", "")
+    columns["patient"]["INS"] = national_identity(body)
     for level, keyword, uid in zip(
         ("study", "series", "instance"), ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), uids
     ):
@@ -138,6 +148,32 @@ def _record(body: dict[str, Any], uids: tuple[str, str, str]) -> InstanceRecord:
         columns["instance"],
         orjson.dumps(body, option=orjson.OPT_SORT_KEYS),
     )
+
+
+# The French national health identifier (INS): the NIR and NIA and their test ranges are
+# identified by these issuer OIDs (ANS, "Référentiel INS"); it may be the PatientID itself, or one
+# of the OtherPatientIDsSequence items, from any site.
+INS_ISSUERS = frozenset({"1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11"})
+
+
+def national_identity(body: dict[str, Any]) -> str | None:
+    """The INS of the patient in this DICOM JSON, or None."""
+    for item in [body] + list(body.get("00101002", {}).get("Value") or []):  # OtherPatientIDsSequence
+        if not isinstance(item, dict):
+            continue
+        issuers = {_first(item, "00100021")}  # IssuerOfPatientID
+        for qualifier in item.get("00100024", {}).get("Value") or []:  # IssuerOfPatientIDQualifiers
+            if isinstance(qualifier, dict):
+                issuers.add(_first(qualifier, "00400032"))  # UniversalEntityID
+        identifier = _first(item, "00100020")
+        if identifier and issuers & INS_ISSUERS:
+            return identifier
+    return None
+
+
+def _first(item: dict[str, Any], tag: str) -> str | None:
+    values = item.get(tag, {}).get("Value")
+    return str(values[0]) if values and values[0] is not None else None
 
 
 def _uid(body: dict[str, Any], tag: str) -> str:

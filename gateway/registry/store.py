@@ -9,6 +9,7 @@ Writes come from harvest, in batches inside one transaction. Reads come from the
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -26,6 +27,8 @@ from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.registry.record import InstanceRecord
 from gateway.stream.dicomfile import PixelInfo
 
+log = logging.getLogger("gateway.registry")
+
 __all__ = ["Registry", "Location", "InstanceFile", "FileState", "SourceStats"]
 
 _DERIVED = {
@@ -36,6 +39,7 @@ _DERIVED = {
     "ContentTime": ("ContentTime_norm",),
     "PerformedProcedureStepStartTime": ("PerformedProcedureStepStartTime_norm",),
 }
+SCHEMA_VERSION = 2  # bump when a table changes: older registries are rebuilt by harvest
 _CACHE_CHECK = 0.5  # seconds a cached location may outlive a harvest that changed it
 _LOCATION_CACHE = 1024  # instances (~600 bytes each): memory must not grow with the archive
 _INTEGER = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
@@ -49,7 +53,7 @@ def _with_derived(keywords: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-PATIENT_COLUMNS = _with_derived(PATIENT)
+PATIENT_COLUMNS = _with_derived(PATIENT) + ("INS",)
 STUDY_COLUMNS = _with_derived(STUDY)
 SERIES_COLUMNS = _with_derived(SERIES)
 INSTANCE_COLUMNS = _with_derived(INSTANCE)
@@ -84,6 +88,7 @@ CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient);
 CREATE INDEX IF NOT EXISTS studies_date ON studies (StudyDate);
 CREATE INDEX IF NOT EXISTS studies_accession ON studies (AccessionNumber);
 CREATE INDEX IF NOT EXISTS patients_id ON patients (PatientID);
+CREATE INDEX IF NOT EXISTS patients_ins ON patients (INS);
 CREATE INDEX IF NOT EXISTS patients_name ON patients (PatientName_fold);
 CREATE INDEX IF NOT EXISTS series_study ON series (StudyInstanceUID);
 CREATE INDEX IF NOT EXISTS series_modality ON series (Modality);
@@ -163,7 +168,12 @@ class Registry:
         self._local = threading.local()
         self._generation = 0
         try:
-            self._conn().executescript(SCHEMA)
+            conn = self._conn()
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                _rebuild(conn, self.path, version)
+            conn.executescript(SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot create registry schema in {self.path}: {exc}") from exc
 
@@ -463,6 +473,21 @@ class Registry:
             table: self.query(f"SELECT COUNT(*) FROM {table}")[0][0]
             for table in ("patients", "studies", "series", "instances", "locations", "rejects")
         }
+
+
+def _rebuild(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """The registry is an index of the sources, rebuilt by harvest: a registry written by another
+    version of the schema is emptied, not migrated."""
+    tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    if tables:
+        log.warning(
+            "registry %s has schema version %d, not %d: emptied; the next harvest refills it",
+            path,
+            version,
+            SCHEMA_VERSION,
+        )
+    for table in tables:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 def _upsert(conn: sqlite3.Connection, table: str, values: dict[str, Any], key: str) -> None:
