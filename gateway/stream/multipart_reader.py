@@ -60,19 +60,29 @@ def boundary_of(content_type: str) -> str:
 
 
 class MultipartReader:
+    """Parses by moving a position through the buffered bytes: a frame passes through with one
+    copy at most (the Data slice), however the upstream chunked it."""
+
     def __init__(self, boundary: str) -> None:
         self._first = b"--" + boundary.encode("latin-1")
         self._delimiter = b"\r\n" + self._first
         self._buffer = b""
+        self._pos = 0  # where the unparsed bytes of _buffer start
         self._state = "preamble"  # preamble | headers | body | after | done
 
     def feed(self, chunk: bytes) -> list[Event]:
-        self._buffer += chunk
+        if self._pos:
+            self._buffer = self._buffer[self._pos :] + chunk  # the unparsed rest is short here
+            self._pos = 0
+        elif self._buffer:
+            self._buffer += chunk
+        else:
+            self._buffer = chunk
         events: list[Event] = []
         while True:
-            before = (self._state, len(self._buffer))
+            before = (self._state, self._pos)
             getattr(self, f"_{self._state}")(events)
-            if (self._state, len(self._buffer)) == before:
+            if (self._state, self._pos) == before:
                 return events
 
     def close(self) -> None:
@@ -83,64 +93,64 @@ class MultipartReader:
     # -- states ----------------------------------------------------------------------------------
 
     def _preamble(self, events: list[Event]) -> None:
-        start = self._buffer.find(self._first)
+        start = self._buffer.find(self._first, self._pos)
         if start < 0:
-            self._buffer = self._buffer[-len(self._first) :]  # keep what may begin a delimiter
+            self._pos = max(self._pos, len(self._buffer) - len(self._first))  # may begin a delimiter
             return
-        self._buffer = self._buffer[start + len(self._first) :]
+        self._pos = start + len(self._first)
         self._state = "after"
 
     def _after(self, events: list[Event]) -> None:
         # After a delimiter: "--" closes the body, CRLF (after optional spaces) starts a part.
-        if len(self._buffer) < 2:
+        if len(self._buffer) - self._pos < 2:
             return
-        if self._buffer.startswith(b"--"):
-            self._buffer = b""
+        if self._buffer.startswith(b"--", self._pos):
+            self._pos = len(self._buffer)
             self._state = "done"
             events.append(End())
             return
-        end = self._buffer.find(b"\r\n")
+        end = self._buffer.find(b"\r\n", self._pos)
         if end < 0:
-            if len(self._buffer) > 256:
+            if len(self._buffer) - self._pos > 256:
                 raise MultipartError("garbage after a multipart delimiter")
             return
-        self._buffer = self._buffer[end + 2 :]
+        self._pos = end + 2
         self._state = "headers"
 
     def _headers(self, events: list[Event]) -> None:
-        end = self._buffer.find(b"\r\n\r\n")
-        if self._buffer.startswith(b"\r\n"):
-            end, skip = 0, 2  # a part without headers
-        elif end < 0:
-            if len(self._buffer) > _MAX_HEADERS:
-                raise MultipartError("multipart part headers are too long")
-            return
+        if self._buffer.startswith(b"\r\n", self._pos):
+            end, skip = self._pos, 2  # a part without headers
         else:
-            skip = 4
+            end, skip = self._buffer.find(b"\r\n\r\n", self._pos), 4
+            if end < 0:
+                if len(self._buffer) - self._pos > _MAX_HEADERS:
+                    raise MultipartError("multipart part headers are too long")
+                return
         headers: dict[str, str] = {}
-        for line in self._buffer[:end].decode("latin-1").split("\r\n"):
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise MultipartError(f"malformed part header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-        self._buffer = self._buffer[end + skip :]
+        if end > self._pos:
+            for line in self._buffer[self._pos : end].decode("latin-1").split("\r\n"):
+                name, colon, value = line.partition(":")
+                if not colon:
+                    raise MultipartError(f"malformed part header line {line[:80]!r}")
+                headers[name.strip().lower()] = value.strip()
+        self._pos = end + skip
         self._state = "body"
         events.append(Headers(headers))
 
     def _body(self, events: list[Event]) -> None:
-        end = self._buffer.find(self._delimiter)
+        end = self._buffer.find(self._delimiter, self._pos)
         if end < 0:
             # Pass on all but what could be the start of a delimiter split across chunks.
             keep = len(self._delimiter) - 1
-            if len(self._buffer) > keep:
-                events.append(Data(self._buffer[:-keep]))
-                self._buffer = self._buffer[-keep:]
+            if len(self._buffer) - self._pos > keep:
+                events.append(Data(self._buffer[self._pos : len(self._buffer) - keep]))
+                self._pos = len(self._buffer) - keep
             return
-        if end:
-            events.append(Data(self._buffer[:end]))
-        self._buffer = self._buffer[end + len(self._delimiter) :]
+        if end > self._pos:
+            events.append(Data(self._buffer[self._pos : end]))
+        self._pos = end + len(self._delimiter)
         self._state = "after"
         events.append(PartEnd())
 
     def _done(self, events: list[Event]) -> None:
-        self._buffer = b""  # the epilogue is ignored (RFC 2046)
+        self._pos = len(self._buffer)  # the epilogue is ignored (RFC 2046)
