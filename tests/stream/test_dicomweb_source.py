@@ -160,3 +160,53 @@ def test_a_silent_source_hits_the_deadline_with_a_504(upstream, tmp_path):
         handler.release.set()
         server.shutdown()
         server.server_close()
+
+
+class _CutsOneInstance(http.server.BaseHTTPRequestHandler):
+    """An upstream that passes everything through, but dies half-way through one instance."""
+
+    upstream = ""
+    victim = ""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        answer = httpx.get(self.upstream + self.path, headers={"Accept": self.headers.get("Accept", "*/*")})
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", answer.headers.get("content-type", "application/json"))
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        if self.victim in self.path and "/metadata" not in self.path:
+            self.wfile.write(answer.content[: len(answer.content) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(answer.content)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_upstream_dying_mid_study_aborts_the_transfer_and_a_frame_gets_502(upstream, tmp_path):
+    study = [pydicom.dcmread(p, stop_before_pixels=True) for p in fixture_files()]
+    first = study[0]
+    members = [ds for ds in study if ds.StudyInstanceUID == first.StudyInstanceUID]
+    victim = members[-1]
+    handler = type(
+        "Handler", (_CutsOneInstance,), {"upstream": upstream, "victim": str(victim.SOPInstanceUID)}
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cutting = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with running_gateway(dicomweb_source("flaky", cutting), tmp_path / "front") as gateway:
+            accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+            with pytest.raises(httpx.RemoteProtocolError):  # never a response that looks complete
+                httpx.get(f"{gateway}/studies/{first.StudyInstanceUID}", headers=accept, timeout=30)
+            frame = (
+                f"{gateway}/studies/{victim.StudyInstanceUID}/series/{victim.SeriesInstanceUID}"
+                f"/instances/{victim.SOPInstanceUID}/frames/1"
+            )
+            response = httpx.get(frame, headers=ANY_FRAME, timeout=30)
+            assert response.status_code == 502 and "flaky" in response.text
+    finally:
+        server.shutdown()
+        server.server_close()
