@@ -119,6 +119,7 @@ class DimseSource:
             put(bytes(event.encoded_dataset(include_meta=True)))
             return 0x0000
 
+        started = time.monotonic()
         assoc = self._ae().associate(
             self.config.host or "",
             self.config.port,
@@ -127,6 +128,11 @@ class DimseSource:
             ext_neg=roles,
             evt_handlers=[(evt.EVT_C_STORE, on_store)],
         )
+        if not assoc.is_established and time.monotonic() - started >= self.deadlines.connect * 0.9:
+            raise SourceTimeout(
+                f"source {self.name}: {self.config.host}:{self.config.port} did not answer the association "
+                f"request within the deadline ({self.deadlines.connect:g} s)"
+            )
         if not assoc.is_established:
             what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
             raise SourceUnavailable(

@@ -3,6 +3,8 @@ Orthanc's DIMSE side, both real processes on loopback."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +152,20 @@ def test_a_dead_pacs_at_retrieve_gets_503(tmp_path):
         assert "short-lived" in response.text
     finally:
         stopping.__exit__(None, None, None)
+
+
+def test_a_silent_pacs_hits_the_deadline_with_a_504(pacs, tmp_path):
+    good = dimse_source("pacs", pacs.port, pacs.aet)
+    with running_gateway(good, tmp_path / "a"):
+        pass  # harvested: the index knows the studies
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        source = dimse_source("pacs", silent.getsockname()[1], pacs.aet)
+        with running_gateway(source, tmp_path / "a", wait_for_studies=False) as gateway:
+            ds = pydicom.dcmread(fixture_files()[0], stop_before_pixels=True)
+            started = time.monotonic()
+            response = httpx.get(frame_url(gateway, ds), headers=ANY_FRAME, timeout=30)
+            assert response.status_code == 504
+            assert "deadline" in response.text and "pacs" in response.text
+            assert time.monotonic() - started < 10  # connect_timeout is 2 s in these tests
