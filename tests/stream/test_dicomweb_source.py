@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from dicomweb_client.api import DICOMwebClient
 
 from peers.gateway import dicomweb_source, folder_source, running_gateway
+from tests.checks import assert_frames_and_instance
 from tests.conftest import FIXTURES, fixture_files
 from tests.dicomweb.test_retrieve import expected_frames
 
@@ -62,16 +62,7 @@ def test_metadata_is_the_upstreams_with_bulk_uris_pointing_here(upstream, gatewa
 
 @pytest.mark.parametrize("path", fixture_files(), ids=lambda p: Path(p).stem)
 def test_instances_and_frames_streamed_through_equal_the_source_file(gateway, path):
-    client = DICOMwebClient(url=gateway)
-    ds = pydicom.dcmread(path)
-    uid = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-    frames = expected_frames(ds)
-    got = client.retrieve_instance_frames(
-        *uid, frame_numbers=list(range(1, len(frames) + 1)), media_types=(("application/octet-stream", "*"),)
-    )
-    assert got == frames
-    instance = client.retrieve_instance(*uid)
-    assert (instance.pixel_array == ds.pixel_array).all()
+    assert_frames_and_instance(gateway, path)
 
 
 def test_a_source_down_leaves_search_working_and_retrieve_names_it(tmp_path):

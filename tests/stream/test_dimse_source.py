@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from dicomweb_client.api import DICOMwebClient
 
 from peers.dcmtk import Dcmqrscp, dcmtk_missing, running_dcmqrscp
 from peers.gateway import dimse_source, running_gateway
 from peers.process import free_port
+from tests.checks import assert_frames_and_instance
 from tests.conftest import fixture_files
 from tests.dicomweb.test_retrieve import expected_frames
 
@@ -69,19 +69,6 @@ def compressed(path: Path) -> bool:
 
 UNCOMPRESSED = [p for p in fixture_files() if not compressed(p)]
 COMPRESSED = [p for p in fixture_files() if compressed(p)]
-
-
-def assert_frames_and_instance(gateway: str, path: Path) -> None:
-    ds = pydicom.dcmread(path)
-    client = DICOMwebClient(url=gateway)
-    uid = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-    frames = expected_frames(ds)
-    got = client.retrieve_instance_frames(
-        *uid, frame_numbers=list(range(1, len(frames) + 1)), media_types=(("application/octet-stream", "*"),)
-    )
-    assert got == frames
-    instance = client.retrieve_instance(*uid)
-    assert (instance.pixel_array == ds.pixel_array).all()
 
 
 @pytest.mark.parametrize("path", UNCOMPRESSED, ids=lambda p: Path(p).stem)
