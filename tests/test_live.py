@@ -12,8 +12,8 @@ from dicomweb_client.api import DICOMwebClient
 
 from fixtures.generate import make_ct_study
 from peers.gateway import folder_source, running_gateway
+from tests.checks import assert_frames_and_instance
 from tests.conftest import FIXTURES
-from tests.dicomweb.test_retrieve import expected_frames
 
 pytestmark = pytest.mark.network
 
@@ -55,18 +55,8 @@ def test_study_metadata_lists_every_instance(client):
 
 
 @pytest.mark.parametrize("path", sorted(FIXTURES.rglob("*.dcm")), ids=lambda p: Path(p).stem)
-def test_instance_and_every_frame_match_the_source_file(client, path):
-    ds = pydicom.dcmread(path)
-    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-    instance = client.retrieve_instance(*uids)
-    assert instance.SOPInstanceUID == ds.SOPInstanceUID
-    assert (instance.pixel_array == ds.pixel_array).all()
-    frames = expected_frames(ds)
-    # transfer-syntax=*: frames as stored (what OHIF asks for); the bytes must be the file's.
-    got = client.retrieve_instance_frames(
-        *uids, frame_numbers=list(range(1, len(frames) + 1)), media_types=(("application/octet-stream", "*"),)
-    )
-    assert got == frames
+def test_instance_and_every_frame_match_the_source_file(server, path):
+    assert_frames_and_instance(server, path)
 
 
 def test_a_transfer_cut_by_the_source_is_seen_as_incomplete_and_the_server_goes_on(tmp_path):
