@@ -105,7 +105,23 @@ async def retrieve_instances(
         headers["Content-Length"] = str(total)
 
     async def body() -> AsyncIterator[bytes]:
-        for choices in plan:
+        index = 0
+        while index < len(plan):
+            batch = _batch(gateway, plan, index)
+            if batch:  # a run of one series from a source that sends many instances at once
+                source, files = batch
+                received = 0
+                async for data in source.aiter_instances(files):  # type: ignore[attr-defined]
+                    received += 1
+                    yield writer.part_header(len(data), files[0].TransferSyntaxUID or UNKNOWN)
+                    yield data
+                    yield writer.part_end
+                if received != len(files):
+                    raise SourceError(f"source {files[0].source} sent {received} of {len(files)} instances")
+                index += len(files)
+                continue
+            choices = plan[index]
+            index += 1
             located, first, rest = await gateway.federation.open(
                 [alternative for alternative, _ in choices], lambda source, a: source.aiter_instance(a)
             )
@@ -123,6 +139,30 @@ async def retrieve_instances(
         yield writer.closing()
 
     return await stream(body(), request, writer.content_type, headers)
+
+
+_BATCH = 1000  # instances asked for in one request to a source that can send many
+
+
+def _batch(gateway: Gateway, plan: list[Any], start: int) -> tuple[Any, list[InstanceFile]] | None:
+    """The run of instances from ``start`` that one remote source can send in one retrieval: the
+    same preferred source, the same series, sent as stored. None when there is no such run."""
+    first, offer = plan[start][0]
+    source = gateway.federation.sources.get(first.source)
+    if not first.remote or not hasattr(source, "aiter_instances") or not _as_stored(first, offer):
+        return None
+    if gateway.federation.order([c[0] for c in plan[start]])[0] is not first:
+        return None  # the preferred source is down: per instance, with failover
+    series = first.path.split("/instances/")[0]
+    files = []
+    for choices in plan[start : start + _BATCH]:
+        location, offer = choices[0]
+        if location.source != first.source or location.path.split("/instances/")[0] != series:
+            break
+        if not _as_stored(location, offer) or location.TransferSyntaxUID != first.TransferSyntaxUID:
+            break
+        files.append(location)
+    return (source, files) if len(files) > 1 else None
 
 
 def _as_stored(location: InstanceFile, offer: Offer) -> bool:

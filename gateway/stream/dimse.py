@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import threading
 import time
 import zlib
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
+import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.association import Association
@@ -38,6 +41,8 @@ from gateway.stream.dicomfile import PixelInfo, frame_of
 from gateway.stream.source import CHUNK, Entry
 
 __all__ = ["DimseSource"]
+
+log = logging.getLogger("gateway.dimse")
 
 # SOP classes (PS3.4 Annex A and C.4): Verification, Study Root Query/Retrieve FIND, GET, MOVE.
 VERIFICATION = "1.2.840.10008.1.1"
@@ -248,7 +253,7 @@ class DimseSource:
         if cached is not None:
             self._cache.move_to_end(uid)
             return cached
-        received = [chunk async for chunk in self._retrieve(path, sop_class)]
+        received = [chunk async for chunk in self._retrieve(_uids(path), sop_class)]
         if not received:
             raise NotFound(f"source {self.name} sent nothing for instance {uid}")
         data = received[0]
@@ -262,8 +267,27 @@ class DimseSource:
             self._cached -= len(self._cache.popitem(last=False)[1])
         return data
 
-    async def _retrieve(self, path: str, sop_class: str | None) -> AsyncIterator[bytes]:
-        """Instances of one C-GET, each as Part 10 bytes, as they arrive."""
+    async def aiter_instances(self, locations: list[InstanceFile]) -> AsyncIterator[bytes]:
+        """Several instances of one series with one C-GET (a UID list, PS3.4 C.4.3.2.1), each as
+        Part 10 bytes in the order the PACS sends them: a series streams at the PACS's pace
+        instead of one request per instance."""
+        study, series, _ = _uids(locations[0].path)
+        classes = {location.SOPClassUID for location in locations}
+        sop_class = classes.pop() if len(classes) == 1 else None
+        paths = {location.SOPInstanceUID: location.path for location in locations}
+        uids = (study, series, [location.SOPInstanceUID for location in locations])
+        log.info("source %s: %d instances of series %s in one retrieval", self.name, len(locations), series)
+        async for data in self._retrieve(uids, sop_class):
+            if self.learn is not None:
+                uid = _sop_instance_uid(data)
+                if uid in paths:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._pool(), self.learn, paths[uid], data
+                    )
+            yield data
+
+    async def _retrieve(self, uids: _Uids, sop_class: str | None) -> AsyncIterator[bytes]:
+        """Instances of one C-GET (or C-MOVE), each as Part 10 bytes, as they arrive."""
         loop = asyncio.get_running_loop()
         received: asyncio.Queue[bytes | None] = asyncio.Queue(2)
 
@@ -271,7 +295,7 @@ class DimseSource:
             asyncio.run_coroutine_threadsafe(received.put(data), loop).result(self.deadlines.total)
 
         operation = self._c_move if self.config.retrieve == "c-move" else self._c_get
-        job = loop.run_in_executor(self._pool(), operation, _uids(path), sop_class, put)
+        job = loop.run_in_executor(self._pool(), operation, uids, sop_class, put)
         try:
             while True:
                 waiter: asyncio.Future[Any] = asyncio.ensure_future(received.get())
@@ -295,9 +319,7 @@ class DimseSource:
             if not job.done():
                 job.cancel()
 
-    def _c_get(
-        self, uids: tuple[str, str, str], sop_class: str | None, put: Callable[[bytes | None], None]
-    ) -> None:
+    def _c_get(self, uids: _Uids, sop_class: str | None, put: Callable[[bytes | None], None]) -> None:
         with self._association(sop_class) as assoc:
             assoc.gateway_sink["put"] = put  # type: ignore[attr-defined]
             query = Dataset()
@@ -312,14 +334,14 @@ class DimseSource:
             self._final(final, "C-GET")
         put(None)
 
-    def _c_move(
-        self, uids: tuple[str, str, str], sop_class: str | None, put: Callable[[bytes | None], None]
-    ) -> None:
+    def _c_move(self, uids: _Uids, sop_class: str | None, put: Callable[[bytes | None], None]) -> None:
         """C-MOVE to our own Storage SCP (for PACS without C-GET): the instances arrive on other
         associations, routed here by SOP Instance UID."""
         self._storage_scp()
+        wanted = uids[2] if isinstance(uids[2], list) else [uids[2]]
         with self._lock:
-            self._moves[uids[2]] = put
+            for uid in wanted:
+                self._moves[uid] = put
         try:
             with self._association() as assoc:
                 query = Dataset()
@@ -334,7 +356,8 @@ class DimseSource:
                 self._final(final, "C-MOVE")
         finally:
             with self._lock:
-                self._moves.pop(uids[2], None)
+                for uid in wanted:
+                    self._moves.pop(uid, None)
         put(None)
 
     def _storage_scp(self) -> None:
@@ -412,6 +435,20 @@ class DimseSource:
             self._scp = None
         if self._threads is not None:
             self._threads.shutdown(wait=False)
+
+
+_Uids = tuple[str, str, "str | list[str]"]
+
+
+def _sop_instance_uid(data: bytes) -> str | None:
+    try:
+        return str(
+            pydicom.dcmread(
+                io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+            ).SOPInstanceUID
+        )
+    except Exception:  # a malformed instance: it is still passed on, just not learnt from
+        return None
 
 
 def _uids(path: str) -> tuple[str, str, str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from dicomweb_client.api import DICOMwebClient
 
 from peers.dcmtk import Dcmqrscp, dcmtk_missing, running_dcmqrscp
 from peers.gateway import dimse_source, running_gateway
@@ -156,3 +157,14 @@ def test_a_silent_pacs_hits_the_deadline_with_a_504(pacs, tmp_path):
             assert response.status_code == 504
             assert "deadline" in response.text and "pacs" in response.text
             assert time.monotonic() - started < 10  # connect_timeout is 2 s in these tests
+
+
+def test_a_whole_series_comes_in_one_retrieval_and_equals_the_files(gateway):
+    paths = [p for p in UNCOMPRESSED if "GW-0004" in str(p)]  # one series, two instances
+    files = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in paths)}
+    first = next(iter(files.values()))
+    client = DICOMwebClient(url=gateway)
+    instances = client.retrieve_study(str(first.StudyInstanceUID), media_types=(("application/dicom", "*"),))
+    assert {str(i.SOPInstanceUID) for i in instances} == set(files)
+    for instance in instances:
+        assert (instance.pixel_array == files[str(instance.SOPInstanceUID)].pixel_array).all()
