@@ -115,17 +115,6 @@ class Location:
     swap: int
     SOPClassUID: str | None = None
 
-    def file(self) -> InstanceFile:
-        return InstanceFile(
-            self.source,
-            self.path,
-            self.size,
-            self.TransferSyntaxUID,
-            self.SOPInstanceUID,
-            self.mode,
-            self.SOPClassUID,
-        )
-
 
 class InstanceFile(NamedTuple):
     source: str

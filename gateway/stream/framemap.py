@@ -24,7 +24,6 @@ __all__ = [
     "native_map",
     "encapsulated_map",
     "pack",
-    "unpack",
     "frame_length",
     "frame_count",
     "frame_fragments",
@@ -164,13 +163,6 @@ def pack(frames: FrameMap) -> Packed:
         if regular:
             return {"native": [first, length, len(frames)]}
     return {"fragments": [[list(fragment) for fragment in frame] for frame in frames]}
-
-
-def unpack(packed: Packed) -> FrameMap:
-    if "native" in packed:
-        first, length, count = packed["native"]
-        return tuple(((first + i * length, length),) for i in range(count))
-    return tuple(tuple((int(off), int(length)) for off, length in frame) for frame in packed["fragments"])
 
 
 def frame_count(packed: Packed) -> int:
