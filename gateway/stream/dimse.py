@@ -70,7 +70,9 @@ _SYNTAXES = [
 ]
 # At most 128 presentation contexts per association (PS3.8 9.3.2.2): 4 for the services above.
 _STORAGE = [str(context.abstract_syntax) for context in StoragePresentationContexts][: 128 - 4]
-_KEYS = {"study": PATIENT + STUDY, "series": SERIES, "image": INSTANCE}
+# Return keys per level; OtherPatientIDsSequence carries the INS at many sites (an empty
+# sequence asks for it, PS3.4 C.2.2.2.6); PACS that do not support it just leave it out.
+_KEYS = {"study": PATIENT + STUDY + ("OtherPatientIDsSequence",), "series": SERIES, "image": INSTANCE}
 
 
 class DimseSource:
@@ -190,7 +192,7 @@ class DimseSource:
         query = Dataset()
         query.QueryRetrieveLevel = level
         for keyword in keys:
-            setattr(query, keyword, "")
+            setattr(query, keyword, [] if keyword.endswith("Sequence") else "")
         for keyword, value in match.items():
             setattr(query, keyword, value)
         deadline = time.monotonic() + self.deadlines.total
