@@ -51,6 +51,7 @@ STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 _PENDING = {0xFF00, 0xFF01}
 _POOL = 4  # idle associations kept per source
+_IDLE = 20.0  # seconds an idle association is kept
 _CACHE_BYTES = 128 * 1024 * 1024  # received instances kept for their other frames
 # Transfer syntaxes accepted for received instances: as stored, no transcoding by the PACS.
 _SYNTAXES = [
@@ -83,11 +84,12 @@ class DimseSource:
         self.name = config.name
         self.config = config
         self.deadlines = config.deadlines
-        self._idle: dict[str | None, list[Association]] = {}
+        self._idle: dict[str | None, list[tuple[Association, float]]] = {}
         self._lock = threading.Lock()
         self._threads: ThreadPoolExecutor | None = None
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached = 0
+        self._fetching: dict[str, asyncio.Future[bytes]] = {}
         self._moves: dict[str, Callable[[bytes | None], None]] = {}  # C-MOVE: SOP UID -> receiver
         self._scp: Any = None  # the Storage SCP that receives C-MOVE sub-operations
         self.learn: Callable[[str, bytes], None] | None = None  # set by the gateway
@@ -102,7 +104,9 @@ class DimseSource:
         ae.acse_timeout = self.deadlines.connect
         ae.connection_timeout = self.deadlines.connect
         ae.dimse_timeout = self.deadlines.message
-        ae.network_timeout = self.deadlines.message
+        # No network_timeout: it would abort pooled associations while idle (logging an error);
+        # replies are bounded by dimse_timeout, and idle associations are retired by the pool.
+        ae.network_timeout = None
         return ae
 
     def _contexts(self, sop_class: str | None) -> list[Any]:
@@ -154,7 +158,10 @@ class DimseSource:
         """An association from the pool (one pool per SOP class retrieved, one for queries)."""
         with self._lock:
             idle = self._idle.setdefault(sop_class, [])
-            assoc = idle.pop() if idle else None
+            assoc, since = idle.pop() if idle else (None, 0.0)
+        if assoc is not None and time.monotonic() - since > _IDLE:
+            assoc.release()  # PACS drop idle associations; do not find out mid-request
+            assoc = None
         if assoc is None or not assoc.is_established:
             assoc = self._associate(sop_class)
         try:
@@ -164,7 +171,7 @@ class DimseSource:
             with self._lock:
                 idle = self._idle.setdefault(sop_class, [])
                 if assoc.is_established and len(idle) < _POOL:
-                    idle.append(assoc)
+                    idle.append((assoc, time.monotonic()))
                     assoc = None  # type: ignore[assignment]
             if assoc is not None and assoc.is_established:
                 assoc.release()
@@ -195,11 +202,12 @@ class DimseSource:
             setattr(query, keyword, [] if keyword.endswith("Sequence") else "")
         for keyword, value in match.items():
             setattr(query, keyword, value)
-        deadline = time.monotonic() + self.deadlines.total
+        started = time.monotonic()
+        deadline = started + self.deadlines.total
         found = []
         for status, identifier in assoc.send_c_find(query, STUDY_FIND):
             self._check_deadline(assoc, deadline, f"C-FIND at {level} level")
-            code = self._status(status, f"C-FIND at {level} level")
+            code = self._status(status, f"C-FIND at {level} level", started)
             if code in _PENDING and identifier is not None:
                 found.append(identifier)
         return found
@@ -251,10 +259,26 @@ class DimseSource:
         yield b""  # pragma: no cover  (makes this an async generator)
 
     async def _instance(self, path: str, uid: str, sop_class: str | None) -> bytes:
+        """One instance, from the cache, from a retrieval already under way (a viewer asks for
+        several frames of an instance at once), or from a new retrieval."""
         cached = self._cache.get(uid)
         if cached is not None:
             self._cache.move_to_end(uid)
             return cached
+        pending = self._fetching.get(uid)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fetch = asyncio.ensure_future(self._fetch(path, uid, sop_class))
+        self._fetching[uid] = fetch
+        try:
+            return await asyncio.shield(fetch)
+        finally:
+            if fetch.done():
+                self._fetching.pop(uid, None)
+            else:
+                fetch.add_done_callback(lambda _: self._fetching.pop(uid, None))
+
+    async def _fetch(self, path: str, uid: str, sop_class: str | None) -> bytes:
         received = [chunk async for chunk in self._retrieve(_uids(path), sop_class)]
         if not received:
             raise NotFound(f"source {self.name} sent nothing for instance {uid}")
@@ -263,11 +287,17 @@ class DimseSource:
             # The first time an instance comes: its full header completes the index (metadata,
             # stored syntax, frame count), which C-FIND alone could not give.
             await asyncio.get_running_loop().run_in_executor(self._pool(), self.learn, path, data)
+        self._remember(uid, data)
+        return data
+
+    def _remember(self, uid: str, data: bytes) -> None:
+        previous = self._cache.pop(uid, None)
+        if previous is not None:
+            self._cached -= len(previous)
         self._cache[uid] = data
         self._cached += len(data)
-        while self._cached > _CACHE_BYTES and self._cache:
+        while self._cached > _CACHE_BYTES and len(self._cache) > 1:
             self._cached -= len(self._cache.popitem(last=False)[1])
-        return data
 
     async def aiter_instances(self, locations: list[InstanceFile]) -> AsyncIterator[bytes]:
         """Several instances of one series with one C-GET (a UID list, PS3.4 C.4.3.2.1), each as
@@ -331,7 +361,7 @@ class DimseSource:
             final = None
             for status, _ in assoc.send_c_get(query, STUDY_GET):
                 self._check_deadline(assoc, deadline, "C-GET")
-                if self._status(status, "C-GET") not in _PENDING:
+                if self._status(status, "C-GET", deadline - self.deadlines.total) not in _PENDING:
                     final = status
             self._final(final, "C-GET")
         put(None)
@@ -353,7 +383,7 @@ class DimseSource:
                 final = None
                 for status, _ in assoc.send_c_move(query, self.config.calling_ae, STUDY_MOVE):
                     self._check_deadline(assoc, deadline, "C-MOVE")
-                    if self._status(status, "C-MOVE") not in _PENDING:
+                    if self._status(status, "C-MOVE", deadline - self.deadlines.total) not in _PENDING:
                         final = status
                 self._final(final, "C-MOVE")
         finally:
@@ -397,8 +427,13 @@ class DimseSource:
             f"{done} completed"
         )
 
-    def _status(self, status: Dataset, what: str) -> int:
+    def _status(self, status: Dataset, what: str, started: float | None = None) -> int:
         if not status or "Status" not in status:
+            if started is not None and time.monotonic() - started < self.deadlines.message * 0.9:
+                raise SourceUnavailable(
+                    f"source {self.name}: {what} was cut short: the PACS aborted the association "
+                    "(is this gateway's AE title known to it?)"
+                )
             raise SourceTimeout(
                 f"source {self.name}: {what} got no reply within {self.deadlines.message:g} s "
                 "(or the association was aborted)"
@@ -430,7 +465,7 @@ class DimseSource:
         with self._lock:
             pools, self._idle = self._idle, {}
         for pool in pools.values():
-            for assoc in pool:
+            for assoc, _ in pool:
                 assoc.release()
         if self._scp is not None:
             self._scp.shutdown()

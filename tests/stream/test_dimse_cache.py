@@ -1,0 +1,27 @@
+"""The DIMSE source's cache of received instances: bounded, and exact under repeated inserts."""
+
+from gateway.config import SourceConfig
+from gateway.stream import dimse
+from gateway.stream.dimse import DimseSource
+
+
+def source() -> DimseSource:
+    return DimseSource(SourceConfig(name="pacs", kind="dimse", host="127.0.0.1", port=104))
+
+
+def test_the_same_instance_received_twice_is_counted_once():
+    cache = source()
+    cache._remember("1.2.3", b"x" * 100)
+    cache._remember("1.2.3", b"x" * 100)  # two requests that missed it at the same time
+    assert cache._cached == 100
+    assert list(cache._cache) == ["1.2.3"]
+
+
+def test_the_oldest_instances_leave_first_and_the_newest_stays(monkeypatch):
+    monkeypatch.setattr(dimse, "_CACHE_BYTES", 250)
+    cache = source()
+    for uid in ("1", "2", "3"):
+        cache._remember(uid, b"x" * 100)
+    assert list(cache._cache) == ["2", "3"] and cache._cached == 200
+    cache._remember("big", b"x" * 1000)  # larger than the bound: kept alone, for its own request
+    assert list(cache._cache) == ["big"] and cache._cached == 1000
