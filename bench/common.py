@@ -23,6 +23,8 @@ TARGET_FRAMES_RATIO = 2.5  # gateway frames/s over Orthanc's
 TARGET_RSS_RATIO = 1.1  # peak RSS streaming the ~2 GB study / the 500-instance one
 TARGET_FRONTING_FRAMES_RATIO = 0.9  # gateway fronting Orthanc (DICOMweb source): frames/s over Orthanc's
 TARGET_FRONTING_METADATA_SPEEDUP = 3.0  # Orthanc's warm study /metadata ms over the fronting gateway's
+TARGET_DIMSE_HARVEST = 1000.0  # gateway over Orthanc's DIMSE: C-FIND harvest, instances/s
+TARGET_DIMSE_GETSCU_RATIO = 1.0  # getscu's whole-study C-GET seconds over the gateway's streamed retrieve
 
 CHUNK = 1 << 20  # read size when streaming files and response bodies
 

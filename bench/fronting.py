@@ -59,27 +59,30 @@ def wait_harvested(server: Server, study: Study, timeout: float) -> None:
                 if found == expected:
                     return
             if time.monotonic() > deadline:
-                raise BenchError(f"harvest over DICOMweb: not every instance listed after {timeout:.0f} s")
+                raise BenchError(f"harvest: not every instance listed after {timeout:.0f} s")
             time.sleep(0.05)
     finally:
         http_.close()
 
 
-def recorded_harvest(registry: Path, expected: int, timeout: float = 10.0) -> float | None:
+def recorded_harvest(
+    registry: Path, expected: int | None, timeout: float = 10.0, source: str = SOURCE, since: float = 0.0
+) -> float | None:
     """The harvest's own duration (finished - started, as it records its run in the registry) once
-    it has indexed `expected` instances; None if no such run shows up in time. The run is recorded
-    just after the last instances are committed, so it may lag the QIDO listing a little."""
+    it has indexed `expected` instances (None: any count); None if no such run shows up in time.
+    The run is recorded just after the last instances are committed, so it may lag the QIDO
+    listing a little. `since` (time.time()): only a run started after it counts."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(sqlite3.Error):
             with contextlib.closing(sqlite3.connect(f"file:{registry}?mode=ro", uri=True)) as db:
                 row = db.execute(
-                    "SELECT started, finished, indexed, failed FROM sources WHERE name=?", (SOURCE,)
+                    "SELECT started, finished, indexed, failed FROM sources WHERE name=?", (source,)
                 ).fetchone()
-            if row and row[1] is not None:
+            if row and row[1] is not None and row[0] >= since:
                 started, finished, indexed, failed = row
-                if indexed != expected or failed:
-                    raise BenchError(f"harvest over DICOMweb: {indexed} indexed, {failed} failed")
+                if (expected is not None and indexed != expected) or failed:
+                    raise BenchError(f"harvest of {source}: {indexed} indexed, {failed} failed")
                 return finished - started
         time.sleep(0.05)
     return None

@@ -14,8 +14,9 @@ starts is stopped again, whatever happens. See bench/README.md.
 
 This file is the entry point (options, and the order of the steps); the steps live beside it:
 servers.py (gateway, Orthanc), study.py, measure.py (index, QIDO, metadata, loads), fronting.py
-(a gateway fronting Orthanc over DICOMweb), load.py (h2load), memory.py (--big), report.py
-(table, JSON), common.py (shared helpers). It also runs as ``python -m bench.run``.
+(a gateway fronting Orthanc over DICOMweb), dimse.py (a gateway over Orthanc's DIMSE, getscu),
+load.py (h2load), memory.py (--big), report.py (table, JSON), common.py (shared helpers). It also
+runs as ``python -m bench.run``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import OUT_DIR, log, proc_status_kb
+from bench.dimse import LOG_NAME as DIMSE_LOG
+from bench.dimse import dimse_rows, measure_dimse
 from bench.fronting import LOG_NAME as FRONTING_LOG
 from bench.fronting import fronting_rows, measure_fronting
 from bench.measure import list_instances, measure_index, measure_loads, measure_metadata, measure_qido
@@ -105,9 +108,11 @@ def run(args: argparse.Namespace) -> int:
     problems += log_problems(logs / "gateway-serve-main.log")
 
     # Orthanc, the same measurements, after the gateway is stopped (no CPU shared between them);
-    # then, with Orthanc still up, a gateway fronting it over DICOMweb (sharing the CPU with it).
+    # then, with Orthanc still up, a gateway fronting it over DICOMweb (sharing the CPU with it),
+    # and one whose source is Orthanc over DIMSE.
     orth: dict[str, Any] | None = None
     front: dict[str, Any] | None = None
+    dimse: dict[str, Any] | None = None
     orthanc_note = "skipped (--skip-orthanc)" if args.skip_orthanc else (orthanc_available() or "")
     if not orthanc_note:
         log("orthanc: starting and uploading")
@@ -123,7 +128,12 @@ def run(args: argparse.Namespace) -> int:
                 front = {}
                 with table.section("gateway fronting Orthanc"):
                     front = measure_fronting(table, server, study, workdir, logs, args)
+                log("dimse: a gateway whose source is Orthanc over DIMSE (C-FIND, C-GET), and getscu")
+                dimse = {}
+                with table.section("gateway over Orthanc DIMSE"):
+                    dimse = measure_dimse(table, server, study, workdir, logs, args)
         problems += log_problems(logs / FRONTING_LOG)
+        problems += log_problems(logs / DIMSE_LOG)
         if orth is None:
             orthanc_note = "ERROR"
 
@@ -139,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             **r,
         )
     fronting_rows(table, study, args, front, orth, orthanc_note)
+    dimse_rows(table, study, args, dimse, orth, orthanc_note)
 
     # --big: does memory stay flat when the study is 8x larger?
     if args.big:

@@ -21,6 +21,7 @@ from peers.process import free_port, stop, wait_http
 
 __all__ = [
     "ORTHANC_BIN",
+    "DIMSE_CALLERS",
     "SOURCE_NAME",
     "Server",
     "fresh_registry",
@@ -32,6 +33,11 @@ __all__ = [
 ]
 
 SOURCE_NAME = "bench"  # the gateway config's source; `gateway index` records its run under it
+# The calling AE titles Orthanc must know: Orthanc 1.10 refuses C-FIND and C-GET from AEs missing
+# from its DicomModalities (DicomCheckCalledAet false only relaxes the *called* AET). The gateway
+# calls as GATEWAY (peers.gateway.dimse_source), getscu as GETSCU. The port would only matter for
+# C-MOVE (C-GET answers on the caller's own association): a placeholder.
+DIMSE_CALLERS = {aet: [aet, "127.0.0.1", 104] for aet in ("GATEWAY", "GETSCU")}
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Server:
     port: int
     proc: subprocess.Popen | None
     log_path: Path
+    dimse: tuple[int, str] | None = None  # Orthanc's DICOM port and AE title
 
     @property
     def dicomweb(self) -> str:
@@ -130,13 +137,15 @@ def orthanc_available() -> str | None:
 @contextlib.contextmanager
 def orthanc_server(workdir: Path, logs: Path, paths: list[Path]) -> Iterator[tuple[Server, float]]:
     """A private Orthanc (`peers.orthanc`: storage in a temp dir under workdir, deleted after),
-    loaded with `paths`; yields it with the upload's seconds. Its log is copied to logs/."""
-    with running_orthanc(workdir, aet="BENCH") as orthanc:
+    loaded with `paths`; yields it with the upload's seconds. Its log is copied to logs/. It
+    accepts C-FIND/C-GET from the gateway and getscu (`DIMSE_CALLERS`)."""
+    with running_orthanc(workdir, aet="BENCH", modalities=DIMSE_CALLERS) as orthanc:
         try:
             start = time.perf_counter()
             orthanc.upload(paths)
             upload_s = time.perf_counter() - start
-            yield Server("orthanc", orthanc.http_port, orthanc.process, orthanc.log), upload_s
+            dimse = (orthanc.dicom_port, orthanc.aet)
+            yield Server("orthanc", orthanc.http_port, orthanc.process, orthanc.log, dimse), upload_s
         finally:
             # The log lives in Orthanc's temp dir, which is deleted when it stops: keep a copy.
             with contextlib.suppress(OSError):
