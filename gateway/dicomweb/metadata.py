@@ -6,6 +6,7 @@ completed with this gateway's base URL by one ``bytes.replace`` per fragment (se
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -14,13 +15,16 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.scope import not_found, where
-from gateway.errors import NotAcceptable
+from gateway.errors import GatewayError, NotAcceptable
 from gateway.registry.record import BULK_KEY
+from gateway.registry.store import InstanceFile
 from gateway.service import Gateway
+from gateway.stream.dimse import DimseSource
 
 __all__ = ["retrieve_metadata"]
 
 _CHUNK = 256 * 1024
+log = logging.getLogger("gateway.wado")
 
 
 async def retrieve_metadata(
@@ -28,6 +32,7 @@ async def retrieve_metadata(
 ) -> Response:
     _require_json(request)
     condition, params = where(scope)
+    await _complete_from_dimse(gateway, condition, params)
     fragments = await anyio.to_thread.run_sync(gateway.registry.metadata, condition, params)
     if not fragments:
         raise not_found(scope)
@@ -48,6 +53,27 @@ async def retrieve_metadata(
         yield b"".join(pending)
 
     return StreamingResponse(body(), media_type="application/dicom+json")
+
+
+async def _complete_from_dimse(gateway: Gateway, condition: str, params: tuple[str, ...]) -> None:
+    """A DIMSE PACS's search answers hold a few attributes; the full header of an instance is
+    learnt when it is first retrieved. Metadata asked for before that: retrieve those instances
+    now (one C-GET per series, pixels dropped once the header is indexed), then answer."""
+    instances = await anyio.to_thread.run_sync(gateway.registry.instance_files, condition, params)
+    runs: dict[tuple[str, str], list[InstanceFile]] = {}
+    for alternatives in instances:
+        if all(a.remote and a.TransferSyntaxUID is None for a in alternatives):
+            first = alternatives[0]
+            if isinstance(gateway.federation.sources.get(first.source), DimseSource):
+                runs.setdefault((first.source, first.path.split("/instances/")[0]), []).append(first)
+    for (name, _), files in runs.items():
+        source = gateway.federation.sources[name]
+        assert isinstance(source, DimseSource)
+        try:
+            async for _ in source.aiter_instances(files):
+                pass  # learning happens as each instance arrives
+        except GatewayError as exc:  # answer with what the search gave rather than not at all
+            log.warning("metadata from source %s stays partial: %s", name, exc.message)
 
 
 def _require_json(request: Request) -> None:

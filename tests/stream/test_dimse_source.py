@@ -168,3 +168,18 @@ def test_a_whole_series_comes_in_one_retrieval_and_equals_the_files(gateway):
     assert {str(i.SOPInstanceUID) for i in instances} == set(files)
     for instance in instances:
         assert (instance.pixel_array == files[str(instance.SOPInstanceUID)].pixel_array).all()
+
+
+def test_metadata_before_any_retrieval_holds_the_full_header(pacs, tmp_path):
+    ds = pydicom.dcmread(next(p for p in UNCOMPRESSED if "GW-0004" in str(p)), stop_before_pixels=True)
+    with running_gateway(dimse_source("fresh", pacs.port, pacs.aet), tmp_path) as gateway:
+        searched = httpx.get(
+            f"{gateway}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances"
+        )
+        assert all("00180050" not in item for item in searched.json())  # C-FIND gave no SliceThickness
+        url = f"{gateway}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/metadata"
+        metadata = {item["00080018"]["Value"][0]: item for item in httpx.get(url, timeout=60).json()}
+    item = metadata[str(ds.SOPInstanceUID)]
+    assert item["00280010"]["Value"] == [ds.Rows]  # from the header, learnt by retrieving it
+    assert item["00020010"]["Value"] == [str(ds.file_meta.TransferSyntaxUID)]
+    assert item["7FE00010"]["BulkDataURI"].startswith(gateway)
