@@ -39,6 +39,22 @@ def parse_entry(source: Source, entry: Entry) -> Parsed:
         return entry, None, None, exc.message
 
 
+FULL_EVERY = 24 * 3600.0  # seconds between full runs of a remote source; incremental runs between
+_OVERLAP = 24 * 3600.0  # an incremental run reaches back one day before the last run started
+
+
+def _window(registry: Registry, source: Source, now: float) -> tuple[str | None, float | None]:
+    """(StudyDate lower bound, last full run) for this run. Folders are always read whole (their
+    harvest is incremental by file size and time); remote sources are asked for studies since the
+    last run, with a full run every ``FULL_EVERY`` to learn about deletions and late arrivals."""
+    if source.kind == "filesystem":
+        return None, None
+    last = registry.last_run(source.name)
+    if last is None or last.last_full is None or last.started is None or now - last.last_full > FULL_EVERY:
+        return None, None
+    return time.strftime("%Y%m%d", time.localtime(last.started - _OVERLAP)), last.last_full
+
+
 def _parse_batch(source: Source, entries: list[Entry]) -> list[Parsed]:
     return [parse_entry(source, entry) for entry in entries]
 
@@ -51,6 +67,7 @@ def harvest(
 ) -> SourceStats:
     """Harvest ``source`` into ``registry``; ``executor`` (a process pool) parses in parallel."""
     stats = SourceStats(source.name, started=time.time())
+    stats.since, stats.last_full = _window(registry, source, stats.started or 0.0)
     known = registry.file_states(source.name)
     seen: set[str] = set()
     pending: list[Entry] = []
@@ -82,7 +99,7 @@ def harvest(
             store(futures.pop(0).result())
 
     try:
-        for entry in source.scan():
+        for entry in source.scan(stats.since):
             stats.seen += 1
             seen.add(entry.path)
             old = known.get(entry.path)
@@ -104,7 +121,8 @@ def harvest(
         dispatch(pending)
     for future in futures:
         store(future.result())
-    gone = [path for path in known if path not in seen]
+    # Only a full run tells what is gone: an incremental one saw recent studies alone.
+    gone = [path for path in known if path not in seen] if stats.since is None else []
     if gone:
         with registry.transaction() as conn:
             for path in gone:
@@ -115,8 +133,9 @@ def harvest(
     if progress:
         progress(stats)
     log.info(
-        "source %s: seen %d, indexed %d, skipped %d, failed %d, removed %d in %.1f s",
+        "source %s%s: seen %d, indexed %d, skipped %d, failed %d, removed %d in %.1f s",
         source.name,
+        f" (studies since {stats.since})" if stats.since else "",
         stats.seen,
         stats.indexed,
         stats.skipped,

@@ -39,7 +39,7 @@ _DERIVED = {
     "ContentTime": ("ContentTime_norm",),
     "PerformedProcedureStepStartTime": ("PerformedProcedureStepStartTime_norm",),
 }
-SCHEMA_VERSION = 2  # bump when a table changes: older registries are rebuilt by harvest
+SCHEMA_VERSION = 3  # bump when a table changes: older registries are rebuilt by harvest
 _CACHE_CHECK = 0.5  # seconds a cached location may outlive a harvest that changed it
 _LOCATION_CACHE = 1024  # instances (~600 bytes each): memory must not grow with the archive
 _INTEGER = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS rejects (
     PRIMARY KEY (source, path));
 CREATE TABLE IF NOT EXISTS sources (
     name TEXT PRIMARY KEY, started REAL, finished REAL, seen INTEGER, indexed INTEGER,
-    skipped INTEGER, failed INTEGER, removed INTEGER, instances INTEGER);
+    skipped INTEGER, failed INTEGER, removed INTEGER, instances INTEGER, since TEXT, last_full REAL);
 CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient);
 CREATE INDEX IF NOT EXISTS studies_date ON studies (StudyDate);
 CREATE INDEX IF NOT EXISTS studies_accession ON studies (AccessionNumber);
@@ -148,6 +148,8 @@ class SourceStats:
     failed: int = 0
     removed: int = 0
     instances: int = 0
+    since: str | None = None  # the StudyDate lower bound of an incremental run; None: a full one
+    last_full: float | None = None  # when the last full run started
 
 
 class Registry:
@@ -346,7 +348,7 @@ class Registry:
                 "SELECT COUNT(DISTINCT SOPInstanceUID) FROM locations WHERE source=?", (stats.name,)
             ).fetchone()[0]
             conn.execute(
-                "INSERT OR REPLACE INTO sources VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO sources VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     stats.name,
                     stats.started,
@@ -357,8 +359,14 @@ class Registry:
                     stats.failed,
                     stats.removed,
                     stats.instances,
+                    stats.since,
+                    stats.started if stats.since is None else stats.last_full,
                 ),
             )
+
+    def last_run(self, name: str) -> SourceStats | None:
+        rows = self.query("SELECT * FROM sources WHERE name = ?", (name,))
+        return SourceStats(**dict(rows[0])) if rows else None
 
     def source_runs(self) -> list[SourceStats]:
         return [SourceStats(**dict(row)) for row in self.query("SELECT * FROM sources ORDER BY name")]

@@ -55,11 +55,13 @@ class DicomwebSource:
 
     # -- harvest (blocking, in a worker thread) ------------------------------------------------------
 
-    def scan(self) -> Iterator[Entry]:
+    def scan(self, since: str | None = None) -> Iterator[Entry]:
+        window = {"StudyDate": f"{since}-"} if since else {}
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=self._timeout()) as http:
             offset = 0
             while True:
-                studies = self._json(http, "/studies", {"limit": str(_PAGE), "offset": str(offset)})
+                page = {"limit": str(_PAGE), "offset": str(offset), **window}
+                studies = self._json(http, "/studies", page)
                 for study in studies:
                     study_uid = _value(study, "0020000D")
                     for series in self._json(http, f"/studies/{study_uid}/series", {}):

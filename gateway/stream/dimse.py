@@ -185,9 +185,10 @@ class DimseSource:
 
     # -- harvest: C-FIND (blocking, in a worker thread) ---------------------------------------------
 
-    def scan(self) -> Iterator[Entry]:
+    def scan(self, since: str | None = None) -> Iterator[Entry]:
+        window = {"StudyDate": f"{since}-"} if since else {}  # a range match (PS3.4 C.2.2.2.5)
         with self._association() as assoc:
-            for study in self._find(assoc, "STUDY", {}, _KEYS["study"]):
+            for study in self._find(assoc, "STUDY", window, _KEYS["study"]):
                 study_uid = str(study.StudyInstanceUID)
                 for series in self._find(assoc, "SERIES", {"StudyInstanceUID": study_uid}, _KEYS["series"]):
                     scope = {

@@ -52,7 +52,7 @@ class FolderSource:
 
     # -- harvest ------------------------------------------------------------------------------
 
-    def scan(self) -> Iterator[Entry]:
+    def scan(self, since: str | None = None) -> Iterator[Entry]:  # a folder is always listed whole
         if not self.root.is_dir():
             raise SourceError(f"source {self.name}: folder {self.root} does not exist")
         for dirpath, dirnames, filenames in os.walk(self.root):

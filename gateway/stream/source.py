@@ -38,8 +38,9 @@ class Source(Protocol):
     name: str
     kind: str
 
-    def scan(self) -> Iterator[Entry]:
-        """Everything the source holds now (blocking; harvest runs it in a worker thread)."""
+    def scan(self, since: str | None = None) -> Iterator[Entry]:
+        """What the source holds now (blocking; harvest runs it in a worker thread): everything,
+        or for remote sources, studies dated ``since`` (YYYYMMDD) or later."""
         ...
 
     def read_header(self, entry: Entry) -> tuple[Dataset, PixelInfo | None]:
