@@ -18,7 +18,7 @@ import struct
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pydicom
 import pydicom.config
@@ -32,10 +32,10 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from gateway.errors import DicomFileError
+from gateway.errors import DicomFileError, NotFound
 from gateway.stream import framemap
 
-__all__ = ["PixelInfo", "read_header", "frame_of", "to_little_endian", "MAX_HEADER_BYTES"]
+__all__ = ["PixelInfo", "read_header", "frame_of", "bulk_value", "to_little_endian", "MAX_HEADER_BYTES"]
 
 # Real archives hold many slightly invalid values (an IS of "1A", a 65-character UID): index them
 # as they are, without one warning per element; values that cannot be converted at all still make
@@ -223,6 +223,28 @@ def frame_of(data: bytes, index: int) -> bytes:
         data[offset : offset + length] for offset, length in framemap.frame_fragments(pixel.frames, index)
     )
     return to_little_endian(frame, pixel.swap_width) if pixel.swap_width else frame
+
+
+def bulk_value(source: Path | bytes, tag_path: str, uid: str) -> bytes:
+    """The value of the binary element at ``tag_path`` ('TAG' or 'SEQ/index/TAG...') in a file or
+    in a whole instance held in memory. NotFound if there is none; DicomFileError if unreadable."""
+    try:
+        node: Any = pydicom.dcmread(
+            io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True
+        )
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pydicom's many error types on a changed or broken file
+        raise DicomFileError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+    missing = NotFound(f"instance {uid} has no bulk data at {tag_path}")
+    try:
+        for position, part in enumerate(tag_path.split("/")):
+            node = node[int(part)] if position % 2 else node[int(part, 16)].value
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise missing from None
+    if not isinstance(node, bytes):
+        raise missing
+    return node
 
 
 def to_little_endian(chunk: bytes, width: int) -> bytes:

@@ -33,11 +33,18 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import StoragePresentationContexts
 
 from gateway.config import SourceConfig
-from gateway.errors import GatewayError, NotFound, SourceError, SourceTimeout, SourceUnavailable
+from gateway.errors import (
+    DicomFileError,
+    GatewayError,
+    NotFound,
+    SourceError,
+    SourceTimeout,
+    SourceUnavailable,
+)
 from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.registry.dicomjson import dataset_json
 from gateway.registry.store import InstanceFile, Location
-from gateway.stream.dicomfile import PixelInfo, frame_of
+from gateway.stream.dicomfile import PixelInfo, bulk_value, frame_of
 from gateway.stream.source import CHUNK, Entry
 
 __all__ = ["DimseSource"]
@@ -264,8 +271,13 @@ class DimseSource:
             raise SourceError(f"source {self.name}: {exc.message}") from exc
 
     async def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:
-        raise NotFound(f"source {self.name}: bulk data other than pixels is not served over DIMSE yet")
-        yield b""  # pragma: no cover  (makes this an async generator)
+        data = await self._instance(location.path, location.SOPInstanceUID, location.SOPClassUID)
+        try:
+            yield await asyncio.get_running_loop().run_in_executor(
+                self._pool(), bulk_value, data, tag_path, location.SOPInstanceUID
+            )
+        except DicomFileError as exc:
+            raise SourceError(f"source {self.name}: {exc.message}") from exc
 
     async def _instance(self, path: str, uid: str, sop_class: str | None) -> bytes:
         """One instance, from the cache, from a retrieval already under way (a viewer asks for

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 
-from gateway.errors import NotFound, SourceError
+from gateway.errors import DicomFileError, NotFound, SourceError
 from gateway.registry.store import InstanceFile, Location
 from gateway.stream import framemap
-from gateway.stream.dicomfile import PixelInfo, read_header, to_little_endian
+from gateway.stream.dicomfile import PixelInfo, bulk_value, read_header, to_little_endian
 from gateway.stream.source import CHUNK, Entry
 
 __all__ = ["FolderSource"]
@@ -164,23 +164,12 @@ class FolderSource:
         yield await self._run(self._bulk_value, location, tag_path)
 
     def _bulk_value(self, location: Location, tag_path: str) -> bytes:
-        import pydicom
-
-        missing = NotFound(f"instance {location.SOPInstanceUID} has no bulk data at {tag_path}")
         try:
-            node: Any = pydicom.dcmread(self.root / location.path, stop_before_pixels=True)
+            return bulk_value(self.root / location.path, tag_path, location.SOPInstanceUID)
         except FileNotFoundError:
             raise NotFound(f"instance {location.SOPInstanceUID}: file gone from source {self.name}") from None
-        except Exception as exc:  # pydicom's many error types on a file that changed under us
-            raise SourceError(f"source {self.name}: cannot read {location.path}: {exc}") from exc
-        try:
-            for position, part in enumerate(tag_path.split("/")):
-                node = node[int(part)] if position % 2 else node[int(part, 16)].value
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise missing from None
-        if not isinstance(node, bytes):
-            raise missing
-        return node
+        except DicomFileError as exc:
+            raise SourceError(f"source {self.name}: cannot read {location.path}: {exc.message}") from exc
 
     async def health(self) -> str:
         return "ok" if await self._run(self.root.is_dir) else f"folder {self.root} is missing"

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
+from fixtures.generate import make_ct_study
 from peers.dcmtk import Dcmqrscp, dcmtk_missing, running_dcmqrscp
 from peers.gateway import dimse_source, running_gateway
 from peers.process import free_port
@@ -183,3 +184,21 @@ def test_metadata_before_any_retrieval_holds_the_full_header(pacs, tmp_path):
     assert item["00280010"]["Value"] == [ds.Rows]  # from the header, learnt by retrieving it
     assert item["00020010"]["Value"] == [str(ds.file_meta.TransferSyntaxUID)]
     assert item["7FE00010"]["BulkDataURI"].startswith(gateway)
+
+
+def test_bulk_data_other_than_pixels_comes_over_dimse_too(tmp_path):
+    (path,) = make_ct_study(tmp_path / "study", n_instances=1, rows=16, cols=16)
+    ds = pydicom.dcmread(path)
+    ds.ICCProfile = bytes(range(256)) * 8  # 2 KiB: a BulkDataURI, not inline
+    ds.save_as(path)
+    with running_dcmqrscp(tmp_path / "pacs", [path]) as pacs:
+        with running_gateway(dimse_source("pacs", pacs.port, pacs.aet), tmp_path / "gw") as gateway:
+            instance = (
+                f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+            )
+            (metadata,) = httpx.get(f"{gateway}{instance}/metadata", timeout=30).json()
+            uri = metadata["00282000"]["BulkDataURI"]
+            assert uri == f"{gateway}{instance}/bulk/00282000"
+            response = httpx.get(uri, headers=ANY_FRAME, timeout=30)
+    assert response.status_code == 200
+    assert ds.ICCProfile in response.content
