@@ -14,7 +14,6 @@ Partial C-GET/C-MOVE (sub-operations failed: status B000 or a failure) is an err
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import threading
@@ -28,9 +27,8 @@ from typing import Any
 import orjson
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, build_context, build_role, evt
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import StoragePresentationContexts
 
 from gateway.config import SourceConfig
 from gateway.errors import (
@@ -44,6 +42,7 @@ from gateway.errors import (
 from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.registry.dicomjson import dataset_json
 from gateway.registry.store import InstanceFile, Location
+from gateway.stream.associations import STORAGE, STUDY_FIND, STUDY_GET, STUDY_MOVE, SYNTAXES, AssociationPool
 from gateway.stream.dicomfile import PixelInfo, bulk_value, frame_of
 from gateway.stream.source import CHUNK, Entry
 
@@ -56,33 +55,8 @@ log = logging.getLogger("gateway.dimse")
 _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.LOG_REQUEST_IDENTIFIERS = False
 
-# SOP classes (PS3.4 Annex A and C.4): Verification, Study Root Query/Retrieve FIND, GET, MOVE.
-VERIFICATION = "1.2.840.10008.1.1"
-STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
-STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 _PENDING = {0xFF00, 0xFF01}
-_POOL = 4  # idle associations kept per source
-_IDLE = 20.0  # seconds an idle association is kept
 _CACHE_BYTES = 128 * 1024 * 1024  # received instances kept for their other frames
-# Transfer syntaxes accepted for received instances: as stored, no transcoding by the PACS.
-_SYNTAXES = [
-    "1.2.840.10008.1.2.1",
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.2",
-    "1.2.840.10008.1.2.4.50",
-    "1.2.840.10008.1.2.4.51",
-    "1.2.840.10008.1.2.4.57",
-    "1.2.840.10008.1.2.4.70",
-    "1.2.840.10008.1.2.4.80",
-    "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.90",
-    "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.5",
-]
-# At most 128 presentation contexts per association (PS3.8 9.3.2.2): 4 for the services above.
-_STORAGE = [str(context.abstract_syntax) for context in StoragePresentationContexts][: 128 - 4]
 # Return keys per level; OtherPatientIDsSequence carries the INS at many sites (an empty
 # sequence asks for it, PS3.4 C.2.2.2.6); PACS that do not support it just leave it out.
 # QueryRetrieveLevel, RetrieveAETitle, InstanceAvailability: about the query, not the instance.
@@ -98,7 +72,7 @@ class DimseSource:
         self.name = config.name
         self.config = config
         self.deadlines = config.deadlines
-        self._idle: dict[str | None, list[tuple[Association, float]]] = {}
+        self._associations = AssociationPool(config.name, config)
         self._lock = threading.Lock()
         self._threads: ThreadPoolExecutor | None = None
         self._cache: OrderedDict[str, bytes] = OrderedDict()
@@ -111,90 +85,11 @@ class DimseSource:
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("a DIMSE source harvests in its own process")
 
-    # -- associations -----------------------------------------------------------------------------
-
-    def _ae(self) -> AE:
-        ae = AE(ae_title=self.config.calling_ae)
-        ae.acse_timeout = self.deadlines.connect
-        ae.connection_timeout = self.deadlines.connect
-        ae.dimse_timeout = self.deadlines.message
-        # No network_timeout: it would abort pooled associations while idle (logging an error);
-        # replies are bounded by dimse_timeout, and idle associations are retired by the pool.
-        ae.network_timeout = None
-        return ae
-
-    def _contexts(self, sop_class: str | None) -> list[Any]:
-        contexts = [build_context(model) for model in (VERIFICATION, STUDY_FIND, STUDY_GET, STUDY_MOVE)]
-        if sop_class is None:
-            return contexts + [build_context(storage, _SYNTAXES) for storage in _STORAGE]
-        # One context per transfer syntax: the PACS accepts one syntax per context, and must find
-        # the one the instance is stored in, or it would have to transcode (or fail to send it).
-        return contexts + [build_context(sop_class, syntax) for syntax in _SYNTAXES]
-
-    def _associate(self, sop_class: str | None) -> Association:
-        # C-GET sends the instances back on this association: we take the SCP role for storage.
-        classes = _STORAGE if sop_class is None else [sop_class]
-        roles: list[Any] = [build_role(storage, scp_role=True) for storage in classes]
-        sink: dict[str, Any] = {"put": None}
-
-        def on_store(event: Any) -> int:
-            put = sink["put"]
-            if put is None:
-                return 0xA700  # not expecting instances on this association
-            put(bytes(event.encoded_dataset(include_meta=True)))
-            return 0x0000
-
-        started = time.monotonic()
-        assoc = self._ae().associate(
-            self.config.host or "",
-            self.config.port,
-            contexts=self._contexts(sop_class),
-            ae_title=self.config.called_ae,
-            ext_neg=roles,
-            evt_handlers=[(evt.EVT_C_STORE, on_store)],
-        )
-        if not assoc.is_established and time.monotonic() - started >= self.deadlines.connect * 0.9:
-            raise SourceTimeout(
-                f"source {self.name}: {self.config.host}:{self.config.port} did not answer the association "
-                f"request within the deadline ({self.deadlines.connect:g} s)"
-            )
-        if not assoc.is_established:
-            what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-            raise SourceUnavailable(
-                f"source {self.name}: association with {self.config.called_ae} at "
-                f"{self.config.host}:{self.config.port} {what}"
-            )
-        assoc.gateway_sink = sink  # type: ignore[attr-defined]
-        return assoc
-
-    @contextlib.contextmanager
-    def _association(self, sop_class: str | None = None) -> Iterator[Association]:
-        """An association from the pool (one pool per SOP class retrieved, one for queries)."""
-        with self._lock:
-            idle = self._idle.setdefault(sop_class, [])
-            assoc, since = idle.pop() if idle else (None, 0.0)
-        if assoc is not None and time.monotonic() - since > _IDLE:
-            assoc.release()  # PACS drop idle associations; do not find out mid-request
-            assoc = None
-        if assoc is None or not assoc.is_established:
-            assoc = self._associate(sop_class)
-        try:
-            yield assoc
-        finally:
-            assoc.gateway_sink["put"] = None  # type: ignore[attr-defined]
-            with self._lock:
-                idle = self._idle.setdefault(sop_class, [])
-                if assoc.is_established and len(idle) < _POOL:
-                    idle.append((assoc, time.monotonic()))
-                    assoc = None  # type: ignore[assignment]
-            if assoc is not None and assoc.is_established:
-                assoc.release()
-
     # -- harvest: C-FIND (blocking, in a worker thread) ---------------------------------------------
 
     def scan(self, since: str | None = None) -> Iterator[Entry]:
         window = {"StudyDate": f"{since}-"} if since else {}  # a range match (PS3.4 C.2.2.2.5)
-        with self._association() as assoc:
+        with self._associations.acquire() as assoc:
             for study in self._find(assoc, "STUDY", window, _KEYS["study"]):
                 study_uid = str(study.StudyInstanceUID)
                 for series in self._find(assoc, "SERIES", {"StudyInstanceUID": study_uid}, _KEYS["series"]):
@@ -373,7 +268,7 @@ class DimseSource:
                 job.cancel()
 
     def _c_get(self, uids: _Uids, sop_class: str | None, put: Callable[[bytes | None], None]) -> None:
-        with self._association(sop_class) as assoc:
+        with self._associations.acquire(sop_class) as assoc:
             assoc.gateway_sink["put"] = put  # type: ignore[attr-defined]
             query = Dataset()
             query.QueryRetrieveLevel = "IMAGE"
@@ -396,7 +291,7 @@ class DimseSource:
             for uid in wanted:
                 self._moves[uid] = put
         try:
-            with self._association() as assoc:
+            with self._associations.acquire() as assoc:
                 query = Dataset()
                 query.QueryRetrieveLevel = "IMAGE"
                 query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = uids
@@ -417,9 +312,9 @@ class DimseSource:
         with self._lock:
             if self._scp is not None:
                 return
-            ae = self._ae()
-            for storage in _STORAGE:
-                ae.add_supported_context(storage, _SYNTAXES)
+            ae = self._associations.ae()
+            for storage in STORAGE:
+                ae.add_supported_context(storage, SYNTAXES)
 
             def on_store(event: Any) -> int:
                 with self._lock:
@@ -474,7 +369,7 @@ class DimseSource:
     async def health(self) -> str:
         def echo() -> str:
             try:
-                with self._association() as assoc:
+                with self._associations.acquire() as assoc:
                     status = assoc.send_c_echo()
             except GatewayError as exc:
                 return exc.message
@@ -483,11 +378,7 @@ class DimseSource:
         return await asyncio.get_running_loop().run_in_executor(self._pool(), echo)
 
     async def aclose(self) -> None:
-        with self._lock:
-            pools, self._idle = self._idle, {}
-        for pool in pools.values():
-            for assoc, _ in pool:
-                assoc.release()
+        self._associations.close()
         if self._scp is not None:
             self._scp.shutdown()
             self._scp = None
