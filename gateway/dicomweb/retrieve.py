@@ -240,8 +240,9 @@ async def retrieve_frames(
             async for chunk in source.aiter_frame(located, numbers[index] - 1):
                 yield chunk
 
-    if None in sizes:  # a remote source: lengths are learnt while streaming
-        return await _buffered_or_streamed(_frames_body(writer, offer, sizes, frame), request, writer)
+    if None in sizes:  # a remote source: lengths are unknown; passing bytes on as they come keeps
+        # the upstream transfer and ours overlapping (gathering them first measured slower)
+        return await stream(_frames_body(writer, offer, sizes, frame), request, writer.content_type, {})
     total = writer.total_length(
         (writer.part_header(size, offer.transfer_syntax), size or 0) for size in sizes
     )
@@ -252,29 +253,6 @@ async def retrieve_frames(
         return Response(b"".join(pieces), media_type=writer.content_type)
     body = _frames_body(writer, offer, sizes, frame)
     return await stream(body, request, writer.content_type, {"Content-Length": str(total)})
-
-
-async def _buffered_or_streamed(
-    body: AsyncIterator[bytes], request: Request, writer: MultipartWriter
-) -> Response:
-    """Up to ``_SMALL_RESPONSE`` bytes are gathered and sent as one response (the common case, a
-    frame or two: one socket write, a Content-Length); a longer body streams from there on."""
-    pieces: list[bytes] = []
-    size = 0
-    async for chunk in body:
-        pieces.append(chunk)
-        size += len(chunk)
-        if size > _SMALL_RESPONSE:
-            break
-    else:
-        return Response(b"".join(pieces), media_type=writer.content_type)
-
-    async def rest() -> AsyncIterator[bytes]:
-        yield b"".join(pieces)
-        async for chunk in body:
-            yield chunk
-
-    return await stream(rest(), request, writer.content_type, {})
 
 
 async def _frames_body(
