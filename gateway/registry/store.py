@@ -377,12 +377,7 @@ class Registry:
         """Every location of the instances selected by ``where`` (over instances i, series se):
         one list of alternatives per instance, in study order."""
         rows = self.query(
-            "SELECT l.*, i.SeriesInstanceUID, i.SOPClassUID, se.StudyInstanceUID FROM instances i "
-            "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
-            "JOIN locations l ON l.SOPInstanceUID = i.SOPInstanceUID "
-            f"WHERE {where} ORDER BY se.SeriesNumber, se.SeriesInstanceUID, i.InstanceNumber, "
-            "i.SOPInstanceUID, l.source",
-            params,
+            _in_study_order("l.*, i.SeriesInstanceUID, i.SOPClassUID, se.StudyInstanceUID", where), params
         )
         by_instance: dict[str, list[Location]] = {}
         for row in rows:
@@ -440,12 +435,10 @@ class Registry:
         """What a study or series retrieve needs of each instance, without frame maps:
         ~150 bytes an instance, so a 4,000-instance study costs well under a megabyte."""
         rows = self.query(
-            "SELECT l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID, l.mode, i.SOPClassUID "
-            "FROM instances i "
-            "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
-            "JOIN locations l ON l.SOPInstanceUID = i.SOPInstanceUID "
-            f"WHERE {where} ORDER BY se.SeriesNumber, se.SeriesInstanceUID, i.InstanceNumber, "
-            "i.SOPInstanceUID, l.source",
+            _in_study_order(
+                "l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID, l.mode, i.SOPClassUID",
+                where,
+            ),
             params,
         )
         by_instance: dict[str, list[InstanceFile]] = {}
@@ -456,13 +449,7 @@ class Registry:
         return list(by_instance.values())
 
     def metadata(self, where: str, params: tuple[Any, ...]) -> list[bytes]:
-        rows = self.query(
-            "SELECT i.metadata FROM instances i "
-            "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
-            f"WHERE {where} ORDER BY se.SeriesNumber, se.SeriesInstanceUID, i.InstanceNumber, "
-            "i.SOPInstanceUID",
-            params,
-        )
+        rows = self.query(_in_study_order("i.metadata", where, with_locations=False), params)
         return [row[0] for row in rows]
 
     def counts(self) -> dict[str, int]:
@@ -470,6 +457,17 @@ class Registry:
             table: self.query(f"SELECT COUNT(*) FROM {table}")[0][0]
             for table in ("patients", "studies", "series", "instances", "locations", "rejects")
         }
+
+
+def _in_study_order(columns: str, where: str, with_locations: bool = True) -> str:
+    """Instances ``i`` (with their series ``se`` and, by default, locations ``l``) selected by
+    ``where``, in the order every retrieval answers them: series, then instance number."""
+    join = " JOIN locations l ON l.SOPInstanceUID = i.SOPInstanceUID" if with_locations else ""
+    return (
+        f"SELECT {columns} FROM instances i JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID"
+        f"{join} WHERE {where} ORDER BY se.SeriesNumber, se.SeriesInstanceUID, i.InstanceNumber, "
+        f"i.SOPInstanceUID{', l.source' if with_locations else ''}"
+    )
 
 
 def _rebuild(conn: sqlite3.Connection, path: Path, version: int) -> None:
