@@ -42,7 +42,15 @@ from gateway.errors import (
 from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.registry.dicomjson import dataset_json
 from gateway.registry.store import InstanceFile, Location
-from gateway.stream.associations import STORAGE, STUDY_FIND, STUDY_GET, STUDY_MOVE, SYNTAXES, AssociationPool
+from gateway.stream.associations import (
+    QUERIES,
+    STORAGE,
+    STUDY_FIND,
+    STUDY_GET,
+    STUDY_MOVE,
+    SYNTAXES,
+    AssociationPool,
+)
 from gateway.stream.dicomfile import PixelInfo, bulk_value, frame_of
 from gateway.stream.source import CHUNK, Entry
 
@@ -60,7 +68,7 @@ _CACHE_BYTES = 128 * 1024 * 1024  # received instances kept for their other fram
 # Return keys per level; OtherPatientIDsSequence carries the INS at many sites (an empty
 # sequence asks for it, PS3.4 C.2.2.2.6); PACS that do not support it just leave it out.
 # QueryRetrieveLevel, RetrieveAETitle, InstanceAvailability: about the query, not the instance.
-_QUERY_ONLY = {0x00080052, 0x00080054, 0x00080056}
+_QUERY_ONLY = ("00080052", "00080054", "00080056")
 _KEYS = {"study": PATIENT + STUDY + ("OtherPatientIDsSequence",), "series": SERIES, "image": INSTANCE}
 
 
@@ -89,23 +97,30 @@ class DimseSource:
 
     def scan(self, since: str | None = None) -> Iterator[Entry]:
         window = {"StudyDate": f"{since}-"} if since else {}  # a range match (PS3.4 C.2.2.2.5)
-        with self._associations.acquire() as assoc:
-            for study in self._find(assoc, "STUDY", window, _KEYS["study"]):
+        with self._associations.acquire(QUERIES) as assoc:
+            # Studies and series are listed in full before the next C-FIND on this association
+            # (one operation at a time on it); instances are indexed as their responses arrive.
+            for study in list(self._find(assoc, "STUDY", window, _KEYS["study"])):
                 study_uid = str(study.StudyInstanceUID)
-                for series in self._find(assoc, "SERIES", {"StudyInstanceUID": study_uid}, _KEYS["series"]):
+                query = {"StudyInstanceUID": study_uid}
+                for series in list(self._find(assoc, "SERIES", query, _KEYS["series"])):
                     scope = {
                         "StudyInstanceUID": study_uid,
                         "SeriesInstanceUID": str(series.SeriesInstanceUID),
                     }
+                    # The study's and series' attributes are converted once for all its instances.
+                    common = _identifier_json(study) | _identifier_json(series)
                     for image in self._find(assoc, "IMAGE", scope, _KEYS["image"]):
-                        yield self._entry(study, series, image)
+                        yield self._entry(common, study, series, image)
 
     def read_header(self, entry: Entry) -> Any:
         raise SourceError(f"source {self.name}: entries come with their attributes")  # never called
 
     def _find(
         self, assoc: Association, level: str, match: dict[str, str], keys: tuple[str, ...]
-    ) -> list[Dataset]:
+    ) -> Iterator[Dataset]:
+        """The identifiers of a C-FIND's pending responses, yielded as they arrive so that indexing
+        them overlaps with receiving the next ones."""
         query = Dataset()
         query.QueryRetrieveLevel = level
         for keyword in keys:
@@ -114,24 +129,14 @@ class DimseSource:
             setattr(query, keyword, value)
         started = time.monotonic()
         deadline = started + self.deadlines.total
-        found = []
         for status, identifier in assoc.send_c_find(query, STUDY_FIND):
             self._check_deadline(assoc, deadline, f"C-FIND at {level} level")
             code = self._status(status, f"C-FIND at {level} level", started)
             if code in _PENDING and identifier is not None:
-                found.append(identifier)
-        return found
+                yield identifier
 
-    def _entry(self, study: Dataset, series: Dataset, image: Dataset) -> Entry:
-        # Raw elements are copied as they came (converting them costs more than the C-FIND).
-        merged = Dataset()
-        for identifier in (study, series, image):
-            for tag in identifier.keys():
-                if tag not in _QUERY_ONLY:
-                    merged[tag] = identifier.get_item(tag)
-        if 0x00080005 in image:
-            merged[0x00080005] = image.get_item(0x00080005)
-        body = dataset_json(merged, lambda path: path)
+    def _entry(self, common: dict[str, Any], study: Dataset, series: Dataset, image: Dataset) -> Entry:
+        body = common | _identifier_json(image)
         raw = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
         base = (
             f"/studies/{study.StudyInstanceUID}/series/{series.SeriesInstanceUID}"
@@ -291,7 +296,7 @@ class DimseSource:
             for uid in wanted:
                 self._moves[uid] = put
         try:
-            with self._associations.acquire() as assoc:
+            with self._associations.acquire(QUERIES) as assoc:
                 query = Dataset()
                 query.QueryRetrieveLevel = "IMAGE"
                 query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = uids
@@ -369,7 +374,7 @@ class DimseSource:
     async def health(self) -> str:
         def echo() -> str:
             try:
-                with self._associations.acquire() as assoc:
+                with self._associations.acquire(QUERIES) as assoc:
                     status = assoc.send_c_echo()
             except GatewayError as exc:
                 return exc.message
@@ -387,6 +392,15 @@ class DimseSource:
 
 
 _Uids = tuple[str, str, "str | list[str]"]
+
+
+def _identifier_json(identifier: Dataset) -> dict[str, Any]:
+    """A C-FIND identifier's attributes as DICOM JSON, raw elements converted as they came (each
+    identifier carries its own Specific Character Set, PS3.4 C.4.1.1.3.1)."""
+    body = dataset_json(identifier, lambda path: path)
+    for key in _QUERY_ONLY:
+        body.pop(key, None)
+    return body
 
 
 def _sop_instance_uid(data: bytes) -> str | None:
