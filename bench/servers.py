@@ -83,6 +83,7 @@ def write_gateway_config(path: Path, registry: Path, study_dir: Path, port: int 
         f"port = {port}\n"
         "[registry]\n"
         f'url = "sqlite:///{registry}"\n'
+        "[auth]\nopen = true\n"
         "[[sources]]\n"
         f'name = "{SOURCE_NAME}"\n'
         'kind = "filesystem"\n'

@@ -162,3 +162,5 @@ def _announce(config: Config) -> None:
         )
     else:
         log.info("configuration from %s; registry %s", config.origin, config.registry_path)
+    for note in config.notes:
+        log.warning("%s", note)

@@ -25,13 +25,22 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError
 
-__all__ = ["Config", "ServerConfig", "SourceConfig", "Deadlines", "load_config", "default_config"]
+__all__ = [
+    "Config",
+    "ServerConfig",
+    "SourceConfig",
+    "Deadlines",
+    "AuthConfig",
+    "Issuer",
+    "load_config",
+    "default_config",
+]
 
 SOURCE_KINDS = ("filesystem", "dicomweb", "dimse")
 _DEFAULT_INTERVAL = 300.0
@@ -81,6 +90,34 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class Issuer:
+    """An OpenID Connect issuer whose bearer JWTs are accepted (PSC for professionals, the
+    portal for patients). Roles and identifiers are read from the configured claims."""
+
+    issuer: str
+    audience: str
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    role: str = "professional"  # the role of this issuer's users: "professional" or "patient"
+    id_claim: str = "sub"  # the professional's id (RPPS) or the patient's subject
+    ins_claim: str = "ins"  # patients: their INS
+    organization_claim: str = "organization"  # professionals: their organization (FINESS)
+    roles_claim: str = "roles"  # a list (or string) of role names in the token
+    emergency_roles: tuple[str, ...] = ()  # role names that may open emergency access
+    leeway: float = 30.0  # seconds of clock skew allowed on exp / nbf / iat
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    open: bool = False  # no authentication at all: everyone sees everything (demo only)
+    issuers: tuple[Issuer, ...] = ()
+    emergency_minutes: float = 240.0  # how long an emergency access lasts
+    session_minutes: float = 30.0  # a study link's session cookie lifetime (at most the link's)
+    max_link_days: float = 90.0  # the longest expires_in a link may ask for
+    cors_origins: tuple[str, ...] = ()  # viewer origins allowed to call the gateway
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     registry_url: str
@@ -88,10 +125,23 @@ class Config:
     embedded: bool = False
     origin: str = "embedded default"
     notes: tuple[str, ...] = field(default=())
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    access_url: str = ""  # grants, links, audit: never rebuilt (default: access.db beside the registry)
 
     @property
     def registry_path(self) -> Path:
         return Path(self.registry_url.removeprefix("sqlite:///"))
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the gateway keeps its files: the registry's directory (viewer, access db)."""
+        return self.registry_path.parent
+
+    @property
+    def access_path(self) -> Path:
+        if self.access_url:
+            return Path(self.access_url.removeprefix("sqlite:///"))
+        return self.data_dir / "access.db"
 
 
 def _fixtures_dir() -> Path:
@@ -108,8 +158,10 @@ def default_config(env: dict[str, str] | None = None) -> Config:
         "registry": {"url": f"sqlite:///{data_dir / 'registry.db'}"},
         "sources": [{"name": "fixtures", "kind": "filesystem", "path": str(_fixtures_dir())}],
     }
+    # The demo is open (said loudly at start, and noted when not on loopback).
+    raw["auth"] = {"open": True}
     config = _build(raw, base=Path.cwd(), env=env, origin="embedded default")
-    return Config(config.server, config.registry_url, config.sources, embedded=True, origin=config.origin)
+    return replace(config, embedded=True)
 
 
 def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
@@ -130,7 +182,7 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
 
 
 def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) -> Config:
-    known = {"server", "registry", "sources"}
+    known = {"server", "registry", "sources", "auth", "access"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (expected one of {', '.join(sorted(known))})")
@@ -167,7 +219,98 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"sources: the name {name!r} is used twice")
-    return Config(ServerConfig(host, port), url, tuple(sources), origin=origin)
+    access_raw = _table(raw, "access")
+    _only(access_raw, "access", {"url"})
+    access_url = _typed(access_raw, "access.url", str, "")
+    if access_url:
+        if not access_url.startswith("sqlite:///"):
+            raise ConfigError(f"access.url: {access_url!r} is not supported (only sqlite:///PATH for now)")
+        access_path = Path(access_url.removeprefix("sqlite:///"))
+        access_url = f"sqlite:///{access_path if access_path.is_absolute() else base / access_path}"
+    auth = _auth(_table(raw, "auth"), base)
+    notes: tuple[str, ...] = ()
+    if auth.open and host not in _LOOPBACK:
+        notes = (f"auth.open on {host}: anyone who can reach this address sees every study",)
+    return Config(
+        ServerConfig(host, port),
+        url,
+        tuple(sources),
+        origin=origin,
+        auth=auth,
+        access_url=access_url,
+        notes=notes,
+    )
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_ISSUER_KEYS = {
+    "issuer", "audience", "jwks_url", "jwks_file", "role", "id_claim", "ins_claim",
+    "organization_claim", "roles_claim", "emergency_roles", "leeway",
+}  # fmt: skip
+
+
+def _auth(table: dict[str, Any], base: Path) -> AuthConfig:
+    _only(
+        table,
+        "auth",
+        {"open", "issuers", "emergency_minutes", "session_minutes", "max_link_days", "cors_origins"},
+    )
+    open_ = table.get("open", False)
+    if not isinstance(open_, bool):
+        raise ConfigError(f"auth.open: expected true or false, got {open_!r}")
+    issuers_raw = table.get("issuers", [])
+    if not isinstance(issuers_raw, list):
+        raise ConfigError("auth.issuers: must be an array of tables ([[auth.issuers]])")
+    issuers = tuple(_issuer(item, f"auth.issuers[{i}]", base) for i, item in enumerate(issuers_raw))
+    if not open_ and not issuers:
+        raise ConfigError(
+            "auth: no issuer configured; add [[auth.issuers]] (OpenID Connect), or set auth.open = true "
+            "for a demo without authentication"
+        )
+    origins = _typed(table, "auth.cors_origins", list, [])
+    if not all(isinstance(origin, str) for origin in origins):
+        raise ConfigError("auth.cors_origins: expected a list of origins (https://viewer.example)")
+    return AuthConfig(
+        open=open_,
+        issuers=issuers,
+        emergency_minutes=_seconds(table, "auth.emergency_minutes", AuthConfig.emergency_minutes),
+        session_minutes=_seconds(table, "auth.session_minutes", AuthConfig.session_minutes),
+        max_link_days=_seconds(table, "auth.max_link_days", AuthConfig.max_link_days),
+        cors_origins=tuple(origin.rstrip("/") for origin in origins),
+    )
+
+
+def _issuer(item: Any, where: str, base: Path) -> Issuer:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _only(item, where, _ISSUER_KEYS)
+    issuer = _typed(item, f"{where}.issuer", str, None)
+    audience = _typed(item, f"{where}.audience", str, None)
+    if not issuer or not audience:
+        raise ConfigError(f"{where}: issuer and audience are both needed")
+    jwks_url = _typed(item, f"{where}.jwks_url", str, None)
+    jwks_file = _typed(item, f"{where}.jwks_file", str, None)
+    if (jwks_url is None) == (jwks_file is None):
+        raise ConfigError(f"{where}: give one of jwks_url (the issuer's keys) or jwks_file (offline)")
+    role = _typed(item, f"{where}.role", str, "professional")
+    if role not in ("professional", "patient"):
+        raise ConfigError(f"{where}.role: {role!r} is not professional or patient")
+    emergency = _typed(item, f"{where}.emergency_roles", list, [])
+    strings = {key: _typed(item, f"{where}.{key}", str, getattr(Issuer, key)) for key in (
+        "id_claim", "ins_claim", "organization_claim", "roles_claim")}  # fmt: skip
+    file_path = None
+    if jwks_file is not None:
+        file_path = Path(jwks_file) if Path(jwks_file).is_absolute() else base / jwks_file
+    return Issuer(
+        issuer=issuer,
+        audience=audience,
+        jwks_url=jwks_url,
+        jwks_file=file_path,
+        role=role,
+        emergency_roles=tuple(str(name) for name in emergency),
+        leeway=float(_typed(item, f"{where}.leeway", (int, float), 30.0)),
+        **strings,
+    )
 
 
 def _source(item: Any, where: str, base: Path, index: int) -> SourceConfig:

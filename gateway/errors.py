@@ -4,6 +4,8 @@
     ├── ConfigError                   a bad configuration file or variable (never reaches HTTP)
     ├── RequestError (400)            a malformed DICOMweb request
     │   └── QueryError (400)          an unknown or malformed QIDO key or value
+    ├── Unauthenticated (401)         no credentials, or a token / link / session refused
+    ├── Forbidden (403)               authenticated, but the access policy says no
     ├── NotFound (404)                an unknown study / series / instance / frame
     ├── NotAcceptable (406)           no representation matches the Accept header
     ├── SourceError (502)             a source failed to deliver what the index promised
@@ -24,6 +26,8 @@ __all__ = [
     "ConfigError",
     "RequestError",
     "QueryError",
+    "Unauthenticated",
+    "Forbidden",
     "NotFound",
     "NotAcceptable",
     "SourceError",
@@ -52,6 +56,16 @@ class RequestError(GatewayError):
 
 class QueryError(RequestError):
     """A QIDO-RS query parameter cannot be understood (PS3.18 8.3.4: answer 400)."""
+
+
+class Unauthenticated(GatewayError):
+    """Answered with ``WWW-Authenticate: Bearer`` (RFC 6750 3)."""
+
+    status = 401
+
+
+class Forbidden(GatewayError):
+    status = 403
 
 
 class NotFound(GatewayError):

@@ -14,6 +14,7 @@ import httpx
 from peers.process import PeerError, free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
+OPEN = "[auth]\nopen = true\n"  # tests of DICOMweb behaviour; access control has its own tests
 
 __all__ = ["running_gateway", "folder_source", "dicomweb_source", "dimse_source"]
 
@@ -47,15 +48,18 @@ def dimse_source(
 
 
 @contextlib.contextmanager
-def running_gateway(sources: str, work: Path, wait_for_studies: bool = True) -> Iterator[str]:
-    """``gateway serve`` as a subprocess with the given ``[[sources]]`` tables; yields the
-    DICOMweb base URL once it answers (and, by default, once its first harvest found studies)."""
+def running_gateway(
+    sources: str, work: Path, wait_for_studies: bool = True, auth: str | None = None
+) -> Iterator[str]:
+    """``gateway serve`` as a subprocess with the given ``[[sources]]`` tables and ``[auth]``
+    section (default: open, on loopback); yields the DICOMweb base URL once it answers (and, by
+    default, once its first harvest found studies)."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = work / "gateway.toml"
     config.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
-        f'[registry]\nurl = "sqlite:///{work / "registry.db"}"\n' + sources
+        f'[registry]\nurl = "sqlite:///{work / "registry.db"}"\n' + (auth or OPEN) + sources
     )
     log = work / "gateway.log"
     with open(log, "wb") as out:

@@ -11,7 +11,7 @@ import httpx
 import pydicom
 import pytest
 
-from gateway.config import Config, ServerConfig, SourceConfig
+from gateway.config import AuthConfig, Config, ServerConfig, SourceConfig
 from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
 
@@ -24,7 +24,8 @@ def fixture_files() -> list[Path]:
 
 
 def make_config(folder: Path, db: Path, name: str = "fixtures") -> Config:
-    return Config(ServerConfig(), f"sqlite:///{db}", (SourceConfig(name, "filesystem", folder),))
+    sources = (SourceConfig(name, "filesystem", folder),)
+    return Config(ServerConfig(), f"sqlite:///{db}", sources, auth=AuthConfig(open=True))
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ def test_index_prints_a_summary_and_counts_bad_files(tmp_path):
         shutil.copy(path, archive / path.name)
     (archive / "junk.bin").write_bytes(b"\x00" * 10)
     (tmp_path / "gateway.toml").write_text(
-        '[registry]\nurl = "sqlite:///registry.db"\n'
+        '[registry]\nurl = "sqlite:///registry.db"\n[auth]\nopen = true\n'
         '[[sources]]\nname = "archive"\nkind = "filesystem"\npath = "archive"\n'
     )
     result = run("index", "--config", "gateway.toml", "--workers", "2", cwd=tmp_path)
@@ -46,7 +46,7 @@ def test_index_one_source_and_list_sources_with_their_health(tmp_path):
         (tmp_path / name).mkdir()
         shutil.copy(fixture_files()[0], tmp_path / name / "one.dcm")
     (tmp_path / "gateway.toml").write_text(
-        '[registry]\nurl = "sqlite:///registry.db"\n'
+        '[registry]\nurl = "sqlite:///registry.db"\n[auth]\nopen = true\n'
         '[[sources]]\nname = "a"\nkind = "filesystem"\npath = "a"\n'
         '[[sources]]\nname = "b"\nkind = "filesystem"\npath = "b"\n'
         '[[sources]]\nname = "gone"\nkind = "dicomweb"\nurl = "http://127.0.0.1:9/dicom-web"\n'
@@ -64,7 +64,7 @@ def test_index_one_source_and_list_sources_with_their_health(tmp_path):
 
 
 def test_index_of_an_unknown_source_names_it(tmp_path):
-    (tmp_path / "gateway.toml").write_text('[registry]\nurl = "sqlite:///registry.db"\n')
+    (tmp_path / "gateway.toml").write_text('[registry]\nurl = "sqlite:///registry.db"\n[auth]\nopen = true\n')
     result = run("index", "--config", "gateway.toml", "--source", "nope", cwd=tmp_path)
     assert result.returncode == 2
     assert "no source named 'nope'" in result.stderr

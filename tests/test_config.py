@@ -18,6 +18,8 @@ host = "127.0.0.1"
 port = 9000
 [registry]
 url = "sqlite:///db/registry.db"
+[auth]
+open = true
 [[sources]]
 name = "pacs"
 kind = "filesystem"
@@ -92,3 +94,38 @@ def test_bad_config_gets_one_line_naming_the_key(tmp_path, text, words):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.toml", env={})
+
+
+REGISTRY = "[registry]\nurl='sqlite:///a.db'\n"
+
+
+@pytest.mark.parametrize(
+    "auth,words",
+    [
+        ("", "auth: no issuer configured"),
+        ("[auth]\nopen = 'yes'\n", "auth.open: expected true or false"),
+        ("[[auth.issuers]]\nissuer='https://i'\njwks_file='k.json'\n", "issuer and audience"),
+        ("[[auth.issuers]]\nissuer='https://i'\naudience='gw'\n", "one of jwks_url"),
+        (
+            "[[auth.issuers]]\nissuer='https://i'\naudience='gw'\njwks_file='k'\nrole='admin'\n",
+            "auth.issuers[0].role",
+        ),
+    ],
+    ids=["no-auth", "open-type", "no-audience", "no-keys", "bad-role"],
+)
+def test_access_control_must_be_configured_or_explicitly_open(tmp_path, auth, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, REGISTRY + auth), env={})
+    assert words in error.value.message
+
+
+def test_open_access_off_loopback_is_noted(tmp_path):
+    config = load_config(
+        write(tmp_path, "[server]\nhost='0.0.0.0'\n" + REGISTRY + "[auth]\nopen=true\n"), env={}
+    )
+    assert config.auth.open and "anyone who can reach" in config.notes[0]
+
+
+def test_the_access_database_sits_beside_the_registry_by_default(tmp_path):
+    config = load_config(write(tmp_path, REGISTRY + "[auth]\nopen=true\n"), env={})
+    assert config.access_path == tmp_path / "access.db"

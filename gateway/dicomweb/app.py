@@ -1,4 +1,9 @@
-"""The HTTP application: DICOMweb under ``/dicom-web``, one error handler, harvest in the background."""
+"""The HTTP application: DICOMweb under ``/dicom-web``, the access API, the viewer, one error
+handler, harvest and the audit writer in the background.
+
+Every request passes the access middleware (who is calling, one audit record); every DICOMweb
+endpoint asks the access policy first: QIDO for the caller's restriction, WADO for the study.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,10 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import __version__
+from gateway.access.identity import Principal
+from gateway.access.service import Access
+from gateway.api.middleware import AccessMiddleware, audit_of
+from gateway.api.routes import api_routes
 from gateway.dicomweb.metadata import retrieve_metadata
 from gateway.dicomweb.retrieve import retrieve_bulk, retrieve_frames, retrieve_instances
 from gateway.dicomweb.search import search
@@ -29,8 +38,17 @@ PREFIX = "/dicom-web"
 _FRAMES = re.compile(PREFIX + r"/studies/([^/]+)/series/([^/]+)/instances/([^/]+)/frames/([^/]+)$")
 
 
-def create_app(gateway: Gateway, harvest: bool = False) -> ASGIApp:
+def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = None) -> ASGIApp:
     """``harvest=True`` runs each source's harvest schedule while the app is up."""
+    access = access or Access(gateway.config, gateway.registry)
+    policy = access.policy
+
+    def allow(request: Request, study: str) -> None:
+        """The policy's decision on one study, noted for the audit record; raises a refusal."""
+        principal: Principal = request.scope["state"]["principal"]
+        allowed = policy.check_study(principal, study)
+        noted = audit_of(request.scope)
+        noted["patient"], noted["emergency"] = allowed.patient, allowed.emergency
 
     def base_url(request: Request) -> str:
         return str(request.base_url).rstrip("/") + PREFIX
@@ -47,20 +65,27 @@ def create_app(gateway: Gateway, harvest: bool = False) -> ASGIApp:
     def qido(level: str):
         async def endpoint(request: Request) -> Response:
             scope = scope_of(request) if "study" in request.path_params else {}
-            return await search(request, gateway.registry, level, scope, base_url(request))
+            if scope:
+                allow(request, scope["StudyInstanceUID"])
+            restriction = policy.restriction(request.scope["state"]["principal"])
+            return await search(request, gateway.registry, level, scope, base_url(request), restriction)
 
         return endpoint
 
     async def instances(request: Request) -> Response:
+        allow(request, request.path_params["study"])
         return await retrieve_instances(request, gateway, scope_of(request), base_url(request))
 
     async def metadata(request: Request) -> Response:
+        allow(request, request.path_params["study"])
         return await retrieve_metadata(request, gateway, scope_of(request), base_url(request))
 
     async def frames(request: Request) -> Response:
+        allow(request, request.path_params["study"])
         return await retrieve_frames(request, gateway, scope_of(request), request.path_params["frames"])
 
     async def bulk(request: Request) -> Response:
+        allow(request, request.path_params["study"])
         return await retrieve_bulk(request, gateway, scope_of(request), request.path_params["tag_path"])
 
     async def health(request: Request) -> Response:
@@ -92,12 +117,18 @@ def create_app(gateway: Gateway, harvest: bool = False) -> ASGIApp:
             if harvest:
                 for source_config in gateway.config.sources:
                     group.start_soon(gateway.harvest_forever, source_config)
+            group.start_soon(access.audit.run)
             yield
             group.cancel_scope.cancel()
+        access.close()
         await gateway.aclose()
 
     async def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
+        audit_of(request.scope)["refusal"] = exc.message
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": 'Bearer realm="gateway"'}
+            return PlainTextResponse(exc.message + "\n", status_code=exc.status, headers=headers)
         if exc.status >= 500:
             log.error("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         else:
@@ -118,7 +149,11 @@ def create_app(gateway: Gateway, harvest: bool = False) -> ASGIApp:
         return PlainTextResponse(f"internal error: {type(exc).__name__}\n", status_code=500)
 
     app = Starlette(
-        routes=[Route("/health", health), Mount(PREFIX, routes=routes)],
+        routes=[
+            Route("/health", health),
+            Mount(PREFIX, routes=routes),
+            *api_routes(access),
+        ],
         lifespan=lifespan,
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: unexpected},
     )
@@ -134,9 +169,10 @@ def create_app(gateway: Gateway, harvest: bool = False) -> ASGIApp:
         study, series, instance, frame_list = match.groups()
         uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
         try:
+            allow(request, study)
             response = await retrieve_frames(request, gateway, uids, frame_list)
         except Exception as exc:
             response = await (gateway_error if isinstance(exc, GatewayError) else unexpected)(request, exc)
         await response(scope, receive, send)
 
-    return with_frames_fast_path
+    return AccessMiddleware(with_frames_fast_path, access)

@@ -44,6 +44,16 @@ _SMALL_RESPONSE = 4 * 1024 * 1024  # frame responses up to this size are sent fr
 _NOT_FOR_WEB = {IMPLICIT_LE, BIG_ENDIAN}  # PS3.18 8.7.3.3.1
 
 
+def _note_source(request: Request, source: str) -> None:
+    """The source that delivered, for the request's audit record (several: comma-separated)."""
+    noted = request.scope.setdefault("state", {}).setdefault("audit", {})
+    known = noted.get("source")
+    if known is None:
+        noted["source"] = source
+    elif source not in known.split(","):
+        noted["source"] = f"{known},{source}"
+
+
 def _alternatives(gateway: Gateway, scope: dict[str, str]) -> list[Location]:
     # The per-frame path: a cached lookup on the event loop, no thread hop.
     found = gateway.registry.instance_location(
@@ -110,6 +120,7 @@ async def retrieve_instances(
             batch = _batch(gateway, plan, index)
             if batch:  # a run of one series from a source that sends many instances at once
                 source, files = batch
+                _note_source(request, files[0].source)
                 received = 0
                 async for data in source.aiter_instances(files):  # type: ignore[attr-defined]
                     received += 1
@@ -125,6 +136,7 @@ async def retrieve_instances(
             located, first, rest = await gateway.federation.open(
                 [alternative for alternative, _ in choices], lambda source, a: source.aiter_instance(a)
             )
+            _note_source(request, located.source)
             offer = _offer_of(choices, located)
             if _as_stored(located, offer):
                 yield writer.part_header(None if located.remote else located.size, offer.transfer_syntax)
@@ -226,6 +238,7 @@ async def retrieve_frames(
     located, first, rest = await gateway.federation.open(
         [location for location, _ in choices], lambda source, loc: source.aiter_frame(loc, numbers[0] - 1)
     )
+    _note_source(request, located.source)
     offer = _offer_of(choices, located)
     source = gateway.federation.sources[located.source]
     writer = MultipartWriter(offer.part_type)
@@ -281,9 +294,10 @@ async def retrieve_bulk(request: Request, gateway: Gateway, scope: dict[str, str
         [Offer("application/octet-stream", EXPLICIT_LE)],
         "application/octet-stream",
     )
-    _, first, rest = await gateway.federation.open(
+    located, first, rest = await gateway.federation.open(
         alternatives, lambda source, location: source.aiter_bulk(location, tag_path)
     )
+    _note_source(request, located.source)
     writer = MultipartWriter("application/octet-stream")
 
     async def body() -> AsyncIterator[bytes]:

@@ -7,6 +7,7 @@ does not hold as columns are read from one instance's stored DICOM JSON.
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from typing import Any
 
 import anyio.to_thread
@@ -17,7 +18,7 @@ from starlette.responses import Response
 
 from gateway.errors import NotFound
 from gateway.registry.attributes import COMPUTED, LEVEL_COLUMNS, vr_of
-from gateway.registry.qido import MAX_RESULTS, Query, compile_query, parse_qido
+from gateway.registry.qido import MAX_RESULTS, Query, Restriction, compile_query, parse_qido
 from gateway.registry.record import person_name_json
 from gateway.registry.store import Registry
 
@@ -39,9 +40,15 @@ def _tag(keyword: str) -> str:
 
 
 async def search(
-    request: Request, registry: Registry, level: str, scope: dict[str, str], base_url: str
+    request: Request,
+    registry: Registry,
+    level: str,
+    scope: dict[str, str],
+    base_url: str,
+    restriction: Restriction | None = None,
 ) -> Response:
-    query = parse_qido(request.query_params.multi_items(), level, scope)
+    """``restriction``: what the caller may see (the access policy's); the rest is left out."""
+    query = replace(parse_qido(request.query_params.multi_items(), level, scope), restriction=restriction)
     results, cut = await anyio.to_thread.run_sync(_run, registry, query, base_url)
     headers = {}
     if cut:

@@ -26,7 +26,7 @@ from gateway.registry.attributes import (
 )
 from gateway.registry.record import INS_ISSUERS, fold_text, normalize_time
 
-__all__ = ["Match", "Query", "parse_qido", "compile_query", "MAX_RESULTS"]
+__all__ = ["Restriction", "Match", "Query", "parse_qido", "compile_query", "MAX_RESULTS"]
 
 MAX_RESULTS = 1000  # a larger page is cut, with a Warning header (PS3.18 8.3.4.4)
 _CONTROL = {"limit", "offset", "fuzzymatching", "includefield"}
@@ -44,6 +44,16 @@ class Match:
 
 
 @dataclass(frozen=True)
+class Restriction:
+    """Which studies a caller may see, decided by the access policy (``gateway.access.policy``);
+    the registry only applies it. ``None`` leaves that dimension open."""
+
+    patients: frozenset[str] | None = None  # INS of the patients whose studies are visible
+    studies: frozenset[str] | None = None  # the only visible studies (a study link)
+    hidden: frozenset[str] = frozenset()  # studies hidden by their patient
+
+
+@dataclass(frozen=True)
 class Query:
     level: str  # "study" | "series" | "instance"
     matches: tuple[Match, ...] = ()
@@ -53,6 +63,7 @@ class Query:
     limit: int | None = None
     offset: int = 0
     scope: dict[str, str] = field(default_factory=dict)  # UIDs from the path
+    restriction: Restriction | None = None  # None: the caller sees every study
 
     @property
     def returned(self) -> tuple[str, ...]:
@@ -192,6 +203,8 @@ def compile_query(query: Query) -> tuple[str, list[Any], int]:
         params.append(uid)
     for match in _patient_identity(query.matches, where, params):
         _condition(match, query.fuzzy, where, params)
+    if query.restriction is not None:
+        _restrict(query.restriction, where, params)
     selects = (
         ["p.*", "st.*"]
         + (["se.*"] if query.level != "study" else [])
@@ -237,6 +250,22 @@ def compile_query(query: Query) -> tuple[str, list[Any], int]:
     )
     params += [limit + 1, query.offset]  # one more row tells whether the page was cut
     return sql, params, limit
+
+
+def _restrict(restriction: Restriction, where: list[str], params: list[Any]) -> None:
+    # What the caller may not see is left out silently (the access policy's rule for QIDO).
+    for column_name, values, negate in (
+        ("p.INS", restriction.patients, False),
+        ("st.StudyInstanceUID", restriction.studies, False),
+        ("st.StudyInstanceUID", restriction.hidden or None, True),
+    ):
+        if values is None:
+            continue
+        if not values:
+            where.append("0")  # nothing is visible
+            continue
+        where.append(f"{column_name} {'NOT IN' if negate else 'IN'} ({','.join('?' * len(values))})")
+        params.extend(sorted(values))
 
 
 def _patient_identity(matches: tuple[Match, ...], where: list[str], params: list[Any]) -> list[Match]:

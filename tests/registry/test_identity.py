@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from fixtures.generate import make_ct_study
-from gateway.config import Config, ServerConfig, SourceConfig
+from gateway.config import AuthConfig, Config, ServerConfig, SourceConfig
 from gateway.dicomweb.app import create_app
 from gateway.registry.store import Registry
 from gateway.service import Gateway
@@ -39,6 +39,7 @@ def client(tmp_path: Path) -> Client:
         ServerConfig(),
         f"sqlite:///{tmp_path / 'registry.db'}",
         (SourceConfig("a", "filesystem", site_a), SourceConfig("b", "filesystem", site_b)),
+        auth=AuthConfig(open=True),
     )
     gateway = Gateway(config)
     gateway.harvest("a")

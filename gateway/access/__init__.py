@@ -1,0 +1,1 @@
+"""Who may see what: authentication, the access policy, study links, emergency access, audit."""

@@ -1,0 +1,63 @@
+"""Access control assembled: who is calling (identity), what they may see (policy), what patients
+decided and what happened (store, audit log)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from gateway.access.audit import AuditLog
+from gateway.access.identity import ANONYMOUS, OPEN, Authenticator, Principal
+from gateway.access.policy import Policy
+from gateway.access.store import AccessStore
+from gateway.config import Config
+from gateway.errors import Unauthenticated
+from gateway.registry.store import Registry
+
+__all__ = ["Access", "SESSION_COOKIE"]
+
+log = logging.getLogger("gateway.access")
+
+SESSION_COOKIE = "gateway_session"  # a study link's session (HttpOnly, SameSite=Strict)
+
+
+class Access:
+    def __init__(self, config: Config, registry: Registry) -> None:
+        self.config = config.auth
+        self.store = AccessStore(config.access_path)
+        self.authenticator = Authenticator(config.auth)
+        self.policy = Policy(self.store, registry)
+        self.audit = AuditLog(self.store)
+        if self.config.open:
+            log.warning(
+                "OPEN ACCESS: authentication is off (auth.open = true); every caller sees every study. "
+                "For a demo on loopback only."
+            )
+
+    def principal(self, authorization: str | None, session: str | None) -> Principal:
+        """The caller, from an ``Authorization: Bearer`` header or a link's session cookie."""
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("Authorization must be 'Bearer <token>'")
+            if not self.config.issuers:
+                if self.config.open:
+                    return OPEN  # a demo client sending a token anyway
+                raise Unauthenticated("no token issuer is configured")
+            return self.authenticator.principal(token.strip())
+        if session:
+            link = self.store.session_link(session, time.time())
+            if link is None:
+                raise Unauthenticated("the study link's session has expired or the link was revoked")
+            return Principal(
+                role="link",
+                actor=f"link:{link['id']}",
+                ins=link["patient"],
+                study=link["StudyInstanceUID"],
+                link=link["id"],
+            )
+        return OPEN if self.config.open else ANONYMOUS
+
+    def close(self) -> None:
+        self.audit.flush()
+        self.store.close()

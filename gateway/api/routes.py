@@ -1,0 +1,352 @@
+"""The JSON API for the portal and for professionals' software, the study-link exchange, and IHE
+Invoke Image Display.
+
+    POST   /api/links              {"StudyInstanceUID", "expires_in"} -> {"id", "url", "expires_at"}
+    GET    /api/links              the caller's links
+    DELETE /api/links/{id}         revoke (its sessions end at once)
+    GET    /link/{secret}          exchange the secret for a study-scoped session cookie -> viewer
+    POST   /api/grants             patient: {"grantee": "<RPPS>" | "org:<FINESS>", "expires_in"?}
+    GET    /api/grants             patient: their grants
+    DELETE /api/grants/{id}        patient: revoke
+    POST   /api/hidden             patient: {"StudyInstanceUID"} hide from everyone
+    GET    /api/hidden             patient: their hidden studies
+    DELETE /api/hidden/{uid}       patient: show again
+    POST   /api/emergency          emergency role: {"patient": "<INS>", "reason"} -> time-limited access
+    GET    /api/emergency          patient: emergency accesses to their studies
+    GET    /api/audit              patient: who accessed what (?format=fhir|dicom for exports)
+    GET    /IHEInvokeImageDisplay  ?requestType=STUDY&studyUID=... | PATIENT&patientID=...
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import anyio.to_thread
+import orjson
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from gateway.access.export import audit_bundle, dicom_audit_message
+from gateway.access.identity import Principal
+from gateway.access.service import SESSION_COOKIE, Access
+from gateway.api.middleware import audit_of
+from gateway.errors import Forbidden, NotFound, RequestError
+
+__all__ = ["api_routes"]
+
+_VIEWER = "/viewer/viewer"  # OHIF's route for one or more studies
+_MAX_BODY = 64 * 1024
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(value), status_code=status, media_type="application/json")
+
+
+def _principal(request: Request) -> Principal:
+    principal: Principal = request.scope["state"]["principal"]
+    if principal.role == "anonymous":
+        from gateway.errors import Unauthenticated
+
+        raise Unauthenticated("credentials are needed (Authorization: Bearer <token>)")
+    if principal.role == "link":
+        raise Forbidden("a study link is read-only: it cannot manage links, grants or hidden studies")
+    return principal
+
+
+def _patient(request: Request) -> Principal:
+    principal = _principal(request)
+    if principal.role != "patient":
+        raise Forbidden("only the patient can do this (a patient token with an INS)")
+    return principal
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > _MAX_BODY:
+        raise RequestError("request body too large")
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"request body is not JSON ({exc})") from exc
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    return body
+
+
+def _string(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(f"{key}: a non-empty string is required")
+    return value.strip()
+
+
+def _seconds(body: dict[str, Any], key: str, maximum: float, default: float | None = None) -> float | None:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise RequestError(f"{key}: a positive number of seconds is required")
+    if value > maximum:
+        raise RequestError(f"{key}: at most {maximum:g} seconds")
+    return float(value)
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def api_routes(access: Access) -> list[Route]:
+    store, policy = access.store, access.policy
+
+    async def run(function: Any, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(function, *args)
+
+    # -- links -----------------------------------------------------------------------------------
+
+    async def create_link(request: Request) -> Response:
+        principal = _principal(request)
+        noted = audit_of(request.scope)
+        noted["action"] = "link.create"
+        body = await _body(request)
+        study = _string(body, "StudyInstanceUID")
+        noted["study"] = study
+        expires_in = _seconds(body, "expires_in", access.config.max_link_days * 86400, default=86400)
+        assert expires_in is not None
+        allowed = await run(policy.check_study, principal, study)  # only what the caller may see
+        noted["patient"] = allowed.patient
+        if principal.role == "professional" and allowed.emergency:
+            raise Forbidden("links cannot be made under emergency access")
+        link, secret = await run(
+            store.add_link, study, allowed.patient, principal.actor, principal.role, time.time() + expires_in
+        )
+        url = str(request.base_url).rstrip("/") + f"/link/{secret}"
+        return _json({"id": link["id"], "url": url, "expires_at": _iso(link["expires"])}, 201)
+
+    async def list_links(request: Request) -> Response:
+        principal = _principal(request)
+        links = await run(store.links, principal.actor)
+        return _json([_link_json(link) for link in links])
+
+    async def revoke_link(request: Request) -> Response:
+        principal = _principal(request)
+        noted = audit_of(request.scope)
+        noted["action"] = "link.revoke"
+        link = await run(store.revoke_link, principal.actor, request.path_params["id"])
+        if link is None:
+            raise NotFound(f"no active link {request.path_params['id']} of yours")
+        noted["study"], noted["patient"] = link["StudyInstanceUID"], link["patient"]
+        policy.forget()
+        return Response(status_code=204)
+
+    async def use_link(request: Request) -> Response:
+        noted = audit_of(request.scope)
+        noted["action"] = "link.use"
+        link = await run(store.link_by_secret, request.path_params["secret"])
+        now = time.time()
+        if link is None or link["revoked"] is not None or link["expires"] <= now:
+            raise NotFound("this study link does not exist, has expired or was revoked")
+        noted["study"], noted["patient"] = link["StudyInstanceUID"], link["patient"]
+        if await run(store.is_hidden, link["StudyInstanceUID"]):
+            raise NotFound("this study link does not exist, has expired or was revoked")
+        expires = min(link["expires"], now + access.config.session_minutes * 60)
+        session = await run(store.add_session, link["id"], expires)
+        target = f"{_VIEWER}?{urlencode({'StudyInstanceUIDs': link['StudyInstanceUID']})}"
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            session,
+            max_age=int(expires - now),
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    # -- grants and hidden studies (the patient's decisions) ---------------------------------------
+
+    async def create_grant(request: Request) -> Response:
+        principal = _patient(request)
+        noted = audit_of(request.scope)
+        noted["action"], noted["patient"] = "grant.create", principal.ins
+        body = await _body(request)
+        grantee = _string(body, "grantee")
+        key = grantee if grantee.startswith("org:") else f"pro:{grantee.removeprefix('pro:')}"
+        expires_in = _seconds(body, "expires_in", 10 * 365 * 86400)
+        expires = time.time() + expires_in if expires_in else None
+        grant = await run(store.add_grant, principal.ins, key, expires)
+        policy.forget()
+        return _json(_grant_json(grant), 201)
+
+    async def list_grants(request: Request) -> Response:
+        principal = _patient(request)
+        return _json([_grant_json(g) for g in await run(store.grants, principal.ins)])
+
+    async def revoke_grant(request: Request) -> Response:
+        principal = _patient(request)
+        noted = audit_of(request.scope)
+        noted["action"], noted["patient"] = "grant.revoke", principal.ins
+        if not await run(store.revoke_grant, principal.ins, request.path_params["id"]):
+            raise NotFound(f"no active grant {request.path_params['id']} of yours")
+        policy.forget()
+        return Response(status_code=204)
+
+    async def hide(request: Request) -> Response:
+        principal = _patient(request)
+        noted = audit_of(request.scope)
+        noted["action"], noted["patient"] = "study.hide", principal.ins
+        study = _string(await _body(request), "StudyInstanceUID")
+        noted["study"] = study
+        await run(policy.check_study, principal, study)  # their own study only (404 otherwise)
+        await run(store.hide, study, principal.ins)
+        policy.forget()
+        return _json({"StudyInstanceUID": study, "hidden": True}, 201)
+
+    async def list_hidden(request: Request) -> Response:
+        principal = _patient(request)
+        return _json(sorted(await run(store.hidden, principal.ins)))
+
+    async def unhide(request: Request) -> Response:
+        principal = _patient(request)
+        noted = audit_of(request.scope)
+        study = request.path_params["uid"]
+        noted["action"], noted["patient"], noted["study"] = "study.unhide", principal.ins, study
+        if not await run(store.unhide, study, principal.ins):
+            raise NotFound(f"study {study} is not hidden")
+        policy.forget()
+        return Response(status_code=204)
+
+    # -- emergency access ---------------------------------------------------------------------------
+
+    async def open_emergency(request: Request) -> Response:
+        principal = _principal(request)
+        noted = audit_of(request.scope)
+        noted["action"], noted["emergency"] = "emergency.open", True
+        if principal.role != "professional" or not principal.emergency:
+            raise Forbidden(
+                "emergency access is for the roles configured as emergency (auth.issuers.emergency_roles)"
+            )
+        body = await _body(request)
+        patient = _string(body, "patient")
+        reason = _string(body, "reason")
+        if len(reason) < 10:
+            raise RequestError("reason: say why (at least 10 characters); it is shown to the patient")
+        noted["patient"], noted["reason"] = patient, reason
+        expires = time.time() + access.config.emergency_minutes * 60
+        row = await run(
+            store.open_emergency, patient, principal.actor, principal.organization, reason, expires
+        )
+        policy.forget()
+        return _json({"id": row["id"], "patient": patient, "expires_at": _iso(expires)}, 201)
+
+    async def list_emergencies(request: Request) -> Response:
+        principal = _patient(request)
+        rows = await run(store.emergencies, principal.ins)
+        return _json(
+            [
+                {
+                    "actor": r["actor"],
+                    "organization": r["organization"],
+                    "reason": r["reason"],
+                    "opened_at": _iso(r["created"]),
+                    "expires_at": _iso(r["expires"]),
+                }
+                for r in rows
+            ]  # fmt: skip
+        )
+
+    # -- the patient's access history ---------------------------------------------------------------
+
+    async def audit(request: Request) -> Response:
+        principal = _principal(request)
+        if principal.role not in ("patient", "open"):
+            raise Forbidden("the access history is the patient's (a patient token)")
+        await run(access.audit.flush)  # include what is still queued
+        records = await run(store.audit, principal.ins if principal.role == "patient" else None)
+        kind = request.query_params.get("format", "json")
+        if kind == "fhir":
+            return Response(
+                orjson.dumps(audit_bundle(records, "gateway")), media_type="application/fhir+json"
+            )
+        if kind == "dicom":
+            # One document holding the messages: each one's own XML declaration is dropped.
+            messages = (dicom_audit_message(r, "gateway").split(b"?>", 1)[-1].strip() for r in records)
+            body = b"<?xml version='1.0' encoding='utf-8'?>\n<AuditMessages>\n" + b"\n".join(messages)
+            return Response(body + b"\n</AuditMessages>", media_type="application/xml")
+        if kind != "json":
+            raise RequestError(f"format: {kind!r} is not json, fhir or dicom")
+        return _json([_audit_json(r) for r in records])
+
+    # -- IHE Invoke Image Display (IHE RAD TF-2 4.106) ----------------------------------------------
+
+    async def invoke_image_display(request: Request) -> Response:
+        noted = audit_of(request.scope)
+        noted["action"] = "viewer.open"
+        params = request.query_params
+        kind = params.get("requestType", "").upper()
+        principal = request.scope["state"]["principal"]
+        if kind == "STUDY":
+            studies = [uid for uid in params.get("studyUID", "").split(",") if uid]
+            if not studies:
+                raise RequestError("studyUID: required for requestType=STUDY")
+            for study in studies:
+                noted["study"] = study
+                allowed = await run(policy.check_study, principal, study)
+                noted["patient"], noted["emergency"] = allowed.patient, allowed.emergency
+            return RedirectResponse(f"{_VIEWER}?{urlencode({'StudyInstanceUIDs': ','.join(studies)})}", 303)
+        if kind == "PATIENT":
+            patient = params.get("patientID")
+            if not patient:
+                raise RequestError("patientID: required for requestType=PATIENT")
+            noted["patient"] = patient
+            # The study list, filtered by the viewer's own QIDO (which the policy filters again).
+            return RedirectResponse(f"/viewer/?mrn={quote(patient)}", 303)
+        raise RequestError(f"requestType: {kind or 'missing'} is not STUDY or PATIENT")
+
+    return [
+        Route("/api/links", create_link, methods=["POST"]),
+        Route("/api/links", list_links, methods=["GET"]),
+        Route("/api/links/{id}", revoke_link, methods=["DELETE"]),
+        Route("/link/{secret}", use_link, methods=["GET"]),
+        Route("/api/grants", create_grant, methods=["POST"]),
+        Route("/api/grants", list_grants, methods=["GET"]),
+        Route("/api/grants/{id}", revoke_grant, methods=["DELETE"]),
+        Route("/api/hidden", hide, methods=["POST"]),
+        Route("/api/hidden", list_hidden, methods=["GET"]),
+        Route("/api/hidden/{uid}", unhide, methods=["DELETE"]),
+        Route("/api/emergency", open_emergency, methods=["POST"]),
+        Route("/api/emergency", list_emergencies, methods=["GET"]),
+        Route("/api/audit", audit, methods=["GET"]),
+        Route("/IHEInvokeImageDisplay", invoke_image_display, methods=["GET"]),
+    ]
+
+
+def _link_json(link: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": link["id"],
+        "StudyInstanceUID": link["StudyInstanceUID"],
+        "created_at": _iso(link["created"]),
+        "expires_at": _iso(link["expires"]),
+        "revoked_at": _iso(link["revoked"]),
+    }
+
+
+def _grant_json(grant: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": grant["id"],
+        "grantee": grant["grantee"].removeprefix("pro:"),
+        "created_at": _iso(grant["created"]),
+        "expires_at": _iso(grant["expires"]),
+        "revoked_at": _iso(grant["revoked"]),
+    }
+
+
+def _audit_json(record: Any) -> dict[str, Any]:
+    out = {k: v for k, v in vars(record).items() if v is not None}
+    out["time"] = _iso(record.time)
+    return out
