@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--no-harvest", action="store_true", help="serve the index as it is")
+    viewer = commands.add_parser("viewer", help="the bundled OHIF viewer, served at /viewer")
+    viewer_commands = viewer.add_subparsers(dest="viewer_command", required=True)
+    viewer_install = viewer_commands.add_parser(
+        "install", help="fetch the OHIF viewer with npm into <data dir>/viewer"
+    )
+    viewer_install.add_argument("--config", help="TOML configuration file (default: embedded demo)")
+    viewer_install.add_argument("--version", help="@ohif/app release (default: the one tested)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per upstream request or association is noise at INFO: their warnings still show.
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return _index(config, args.workers, args.source)
         if args.command == "sources":
             return _sources(config)
+        if args.command == "viewer":
+            return _viewer_install(config, args.version)
         return _serve(config, args.host, args.port, not args.no_harvest)
     except GatewayError as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
@@ -150,6 +159,16 @@ def _serve(config: Config, host: str | None, port: int | None, harvest: bool) ->
     app = create_app(Gateway(config), harvest=harvest)
     log.info("DICOMweb at http://%s:%d/dicom-web", host if ":" not in host else f"[{host}]", port)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    return 0
+
+
+def _viewer_install(config: Config, version: str | None) -> int:
+    from gateway.viewer.install import OHIF_VERSION, install_viewer
+
+    version = version or OHIF_VERSION
+    print(f"fetching @ohif/app@{version} with npm ...", file=sys.stderr)
+    target = install_viewer(config.data_dir / "viewer", version)
+    print(f"OHIF viewer {version} installed in {target}; `gateway serve` shows it at /viewer/")
     return 0
 
 

@@ -49,10 +49,15 @@ def dimse_source(
 
 @contextlib.contextmanager
 def running_gateway(
-    sources: str, work: Path, wait_for_studies: bool = True, auth: str | None = None
+    sources: str,
+    work: Path,
+    wait_for_studies: bool = True,
+    auth: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """``gateway serve`` as a subprocess with the given ``[[sources]]`` tables and ``[auth]``
-    section (default: open, on loopback); yields the DICOMweb base URL once it answers (and, by
+    section (default: open, on loopback; ``headers`` then carry the credentials that the start-up
+    check's QIDO needs); yields the DICOMweb base URL once it answers (and, by
     default, once its first harvest found studies)."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -74,7 +79,7 @@ def running_gateway(
         deadline = time.monotonic() + 30
         while True:
             try:
-                response = httpx.get(f"{url}/studies", timeout=2)
+                response = httpx.get(f"{url}/studies", timeout=2, headers=headers)
                 if response.status_code == 200 and (response.json() or not wait_for_studies):
                     break
             except httpx.HTTPError:

@@ -39,6 +39,7 @@ _SECURITY = [
     (b"referrer-policy", b"no-referrer"),  # link secrets and UIDs never leave in a Referer
     (b"x-frame-options", b"SAMEORIGIN"),
 ]
+_SESSIONLESS = ("/link/", "/viewer", "/health")
 _NO_STORE = [(b"cache-control", b"no-store")]
 _UNAUDITED = ("/health", "/viewer", "/api/audit")  # static files, probes, and reading the log itself
 
@@ -100,8 +101,11 @@ class AccessMiddleware:
                 sent["bytes"] += len(message.get("body", b""))
             await send(message)
 
+        # A link's session matters for data only: an old cookie must not stand in the way of the
+        # viewer's files, a health probe, or opening another link.
+        session = None if path.startswith(_SESSIONLESS) else _session(headers.get("cookie"))
         try:
-            principal = self.access.principal(headers.get("authorization"), _session(headers.get("cookie")))
+            principal = self.access.principal(headers.get("authorization"), session)
         except GatewayError as exc:
             principal = Principal(role="anonymous", actor="anonymous")
             state["principal"] = principal

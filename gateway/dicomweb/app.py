@@ -30,6 +30,7 @@ from gateway.dicomweb.retrieve import retrieve_bulk, retrieve_frames, retrieve_i
 from gateway.dicomweb.search import search
 from gateway.errors import GatewayError
 from gateway.service import Gateway
+from gateway.viewer.routes import viewer_routes
 
 __all__ = ["create_app"]
 
@@ -153,6 +154,7 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
             Route("/health", health),
             Mount(PREFIX, routes=routes),
             *api_routes(access),
+            *viewer_routes(gateway.config.data_dir / "viewer"),
         ],
         lifespan=lifespan,
         exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: unexpected},

@@ -113,3 +113,12 @@ def test_iid_opens_the_viewer_on_a_study_the_caller_may_see(site):
     assert response.status_code == 303
     assert response.headers["location"].endswith(f"StudyInstanceUIDs={site.studies['alice-1']}")
     assert site.get("/IHEInvokeImageDisplay?requestType=SERIES", doctor).status_code == 400
+
+
+def test_a_revoked_links_cookie_does_not_stop_another_link_from_opening(site):
+    first = make_link(site).json()
+    _, cookie = open_link(site, first["url"])
+    site.delete(f"/api/links/{first['id']}", patient(site))
+    second = make_link(site, "alice-2").json()
+    response = site.client.get(urlsplit(second["url"]).path, headers={"Cookie": cookie})
+    assert response.status_code == 303
