@@ -28,6 +28,7 @@ from gateway.api.routes import api_routes
 from gateway.dicomweb.metadata import retrieve_metadata
 from gateway.dicomweb.retrieve import retrieve_bulk, retrieve_frames, retrieve_instances
 from gateway.dicomweb.search import search
+from gateway.dicomweb.streaming import SizedStream
 from gateway.errors import GatewayError
 from gateway.service import Gateway
 from gateway.viewer.routes import viewer_routes
@@ -81,11 +82,11 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
         allow(request, request.path_params["study"])
         return await retrieve_metadata(request, gateway, scope_of(request), base_url(request))
 
-    async def frames(request: Request) -> Response:
+    async def frames(request: Request) -> Response | SizedStream:
         allow(request, request.path_params["study"])
         return await retrieve_frames(request, gateway, scope_of(request), request.path_params["frames"])
 
-    async def bulk(request: Request) -> Response:
+    async def bulk(request: Request) -> Response | SizedStream:
         allow(request, request.path_params["study"])
         return await retrieve_bulk(request, gateway, scope_of(request), request.path_params["tag_path"])
 

@@ -30,7 +30,7 @@ from gateway.dicomweb.accept import (
 )
 from gateway.dicomweb.multipart import MultipartWriter
 from gateway.dicomweb.scope import not_found, where
-from gateway.dicomweb.streaming import stream
+from gateway.dicomweb.streaming import SizedStream, sized_stream, stream
 from gateway.errors import NotAcceptable, NotFound, RequestError, SourceError
 from gateway.registry.store import InstanceFile, Location
 from gateway.service import Gateway
@@ -227,7 +227,7 @@ def _pixel_location(location: Location) -> dict[str, Any]:
 
 async def retrieve_frames(
     request: Request, gateway: Gateway, scope: dict[str, str], frame_list: str
-) -> Response:
+) -> Response | SizedStream:
     alternatives = _alternatives(gateway, scope)
     _pixel_location(alternatives[0])  # 404 for an instance without pixels, before any Accept error
     ranges = parse_accept(request.headers.get("accept"))
@@ -235,14 +235,23 @@ async def retrieve_frames(
     count = framemap.frame_count(_pixel_location(choices[0][0]))
     # An unknown count (a PACS that does not say at harvest): the source refuses missing frames.
     numbers = parse_frame_numbers(frame_list, count if count >= 0 else _MAX_FRAMES_PER_REQUEST * 1000)
+    meta: dict[str, int] = {}
     located, first, rest = await gateway.federation.open(
-        [location for location, _ in choices], lambda source, loc: source.aiter_frame(loc, numbers[0] - 1)
+        [location for location, _ in choices],
+        lambda source, loc: source.aiter_frame(loc, numbers[0] - 1, meta),
     )
     _note_source(request, located.source)
     offer = _offer_of(choices, located)
     source = gateway.federation.sources[located.source]
     writer = MultipartWriter(offer.part_type)
     sizes = [framemap.frame_size(_pixel_location(located), n - 1) for n in numbers]
+    if sizes == [None] and "length" in meta:
+        # One remote frame whose upstream said its length: a Content-Length, no chunked encoding
+        # (uvicorn copies every chunk to frame it), and no streaming machinery (one frame).
+        length = meta["length"]
+        total = writer.total_length([(writer.part_header(length, offer.transfer_syntax), length)])
+        body = _frames_body(writer, offer, [length], lambda index: _chain(first, rest))
+        return await sized_stream(body, request, writer.content_type, total)
 
     async def frame(index: int) -> AsyncIterator[bytes]:
         if index == 0:
@@ -268,6 +277,12 @@ async def retrieve_frames(
     return await stream(body, request, writer.content_type, {"Content-Length": str(total)})
 
 
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
 async def _frames_body(
     writer: MultipartWriter, offer: Offer, sizes: list[int | None], frame: Any
 ) -> AsyncIterator[bytes]:
@@ -282,7 +297,9 @@ async def _frames_body(
 # -- bulk data -----------------------------------------------------------------------------------
 
 
-async def retrieve_bulk(request: Request, gateway: Gateway, scope: dict[str, str], tag_path: str) -> Response:
+async def retrieve_bulk(
+    request: Request, gateway: Gateway, scope: dict[str, str], tag_path: str
+) -> Response | SizedStream:
     alternatives = _alternatives(gateway, scope)
     if tag_path.upper() == "7FE00010":
         count = framemap.frame_count(_pixel_location(alternatives[0]))

@@ -26,7 +26,7 @@ from gateway.config import SourceConfig
 from gateway.errors import GatewayError, NotFound, SourceError, SourceTimeout, SourceUnavailable
 from gateway.registry.store import InstanceFile, Location
 from gateway.stream.dicomfile import PixelInfo
-from gateway.stream.multipart_reader import Data, MultipartReader, PartEnd, boundary_of
+from gateway.stream.multipart_reader import Data, Headers, MultipartReader, PartEnd, boundary_of
 from gateway.stream.source import Entry
 
 __all__ = ["DicomwebSource"]
@@ -143,8 +143,10 @@ class DicomwebSource:
         async for chunk in self._first_part(location.path, _ANY_INSTANCE):
             yield chunk
 
-    async def aiter_frame(self, location: Location, index: int) -> AsyncIterator[bytes]:
-        async for chunk in self._first_part(f"{location.path}/frames/{index + 1}", _ANY_FRAME):
+    async def aiter_frame(
+        self, location: Location, index: int, meta: dict[str, int] | None = None
+    ) -> AsyncIterator[bytes]:
+        async for chunk in self._first_part(f"{location.path}/frames/{index + 1}", _ANY_FRAME, meta):
             yield chunk
 
     async def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:
@@ -154,8 +156,12 @@ class DicomwebSource:
         async for chunk in self._first_part(uri, _ANY_FRAME):
             yield chunk
 
-    async def _first_part(self, path: str, accept: str) -> AsyncIterator[bytes]:
-        """The body of the first part of an upstream multipart response, chunk by chunk."""
+    async def _first_part(
+        self, path: str, accept: str, meta: dict[str, int] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The body of the first part of an upstream multipart response, chunk by chunk; the
+        part's Content-Length, when the upstream gives one, in ``meta["length"]``, checked."""
+        expected, received = None, 0
         deadline = time.monotonic() + self.deadlines.total
         try:
             async with self._session().get(self._url(path), headers={"Accept": accept}) as response:
@@ -169,8 +175,18 @@ class DicomwebSource:
                         )
                     for event in reader.feed(chunk):
                         if isinstance(event, Data):
+                            received += len(event.data)
                             yield event.data
+                        elif isinstance(event, Headers) and expected is None:
+                            expected = _part_length(event.headers, path, self.name)
+                            if meta is not None and expected is not None:
+                                meta["length"] = expected
                         elif isinstance(event, PartEnd):
+                            if expected is not None and received != expected:
+                                raise SourceError(
+                                    f"source {self.name}: {path} sent {received} bytes in a part "
+                                    f"announced as {expected}"
+                                )
                             # Read the (short) rest, the closing delimiter: a connection whose
                             # body was left unread cannot be reused, and a new one per frame
                             # costs more than the frame.
@@ -210,6 +226,15 @@ class DicomwebSource:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def _part_length(headers: dict[str, str], path: str, source: str) -> int | None:
+    value = next((v for k, v in headers.items() if k.lower() == "content-length"), None)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise SourceError(f"source {source}: {path} sent a part with Content-Length {value!r}")
+    return int(value)
 
 
 def _value(item: dict[str, Any], tag: str, default: Any = ...) -> Any:

@@ -163,12 +163,17 @@ class DimseSource:
         for start in range(0, len(data), CHUNK):
             yield data[start : start + CHUNK]
 
-    async def aiter_frame(self, location: Location, index: int) -> AsyncIterator[bytes]:
+    async def aiter_frame(
+        self, location: Location, index: int, meta: dict[str, int] | None = None
+    ) -> AsyncIterator[bytes]:
         data = await self._instance(location.path, location.SOPInstanceUID, location.SOPClassUID)
         try:
-            yield await asyncio.get_running_loop().run_in_executor(self._pool(), frame_of, data, index)
+            frame = await asyncio.get_running_loop().run_in_executor(self._pool(), frame_of, data, index)
         except GatewayError as exc:
             raise SourceError(f"source {self.name}: {exc.message}") from exc
+        if meta is not None:
+            meta["length"] = len(frame)
+        yield frame
 
     async def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:
         data = await self._instance(location.path, location.SOPInstanceUID, location.SOPClassUID)

@@ -111,7 +111,9 @@ class FolderSource:
             raise SourceError(f"source {self.name}: {location.path} shrank while being sent")
         return data
 
-    async def aiter_frame(self, location: Location, index: int) -> AsyncIterator[bytes]:
+    async def aiter_frame(
+        self, location: Location, index: int, meta: dict[str, int] | None = None
+    ) -> AsyncIterator[bytes]:  # lengths are in the frame map: nothing to report
         if location.mode == "decode":
             yield await self._run(self._decoded_frame, location, index)
             return

@@ -51,8 +51,12 @@ class Source(Protocol):
         """The stored Part 10 bytes of one instance."""
         ...
 
-    def aiter_frame(self, location: Location, index: int) -> AsyncIterator[bytes]:
-        """The bytes of frame ``index`` (0-based), little endian, as stored otherwise."""
+    def aiter_frame(
+        self, location: Location, index: int, meta: dict[str, int] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The bytes of frame ``index`` (0-based), little endian, as stored otherwise. A remote
+        source that learns the frame's length before its first byte puts it in ``meta["length"]``
+        (the response can then carry a Content-Length)."""
         ...
 
     def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:

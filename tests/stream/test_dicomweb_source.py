@@ -202,3 +202,58 @@ def test_an_upstream_dying_mid_transfer_aborts_ours_for_a_study_and_for_a_frame(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def frame_url(base: str, ds: pydicom.Dataset) -> str:
+    return (
+        f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}/frames/1"
+    )
+
+
+def test_a_frame_whose_upstream_announced_its_length_is_sent_with_a_content_length(upstream, gateway):
+    ds = pydicom.dcmread(fixture_files()[0], stop_before_pixels=True)
+    theirs = httpx.get(frame_url(upstream, ds), headers=ANY_FRAME, timeout=10)
+    ours = httpx.get(frame_url(gateway, ds), headers=ANY_FRAME, timeout=10)
+    assert ours.status_code == 200 and "chunked" not in ours.headers.get("transfer-encoding", "")
+    assert int(ours.headers["content-length"]) == len(ours.content)
+    boundary = theirs.headers["content-type"].split("boundary=")[1]
+    part = theirs.content.split(b"\r\n\r\n", 1)[1].rsplit(f"\r\n--{boundary}--".encode(), 1)[0]
+    assert part in ours.content  # the same frame bytes, in the gateway's own multipart framing
+
+
+class _LiesAboutLength(http.server.BaseHTTPRequestHandler):
+    """An upstream whose frame parts announce more bytes than they hold."""
+
+    upstream = ""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        answer = httpx.get(self.upstream + self.path, headers={"Accept": self.headers.get("Accept", "*/*")})
+        body = answer.content
+        if "/frames/" in self.path:
+            head, rest = body.split(b"\r\n\r\n", 1)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = head.replace(f"{length}".encode(), f"{length + 10}".encode()) + b"\r\n\r\n" + rest
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", answer.headers.get("content-type", "application/json"))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_upstream_part_shorter_than_announced_aborts_the_transfer(upstream, tmp_path):
+    handler = type("Handler", (_LiesAboutLength,), {"upstream": upstream})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        liar = f"http://127.0.0.1:{server.server_address[1]}"
+        with running_gateway(dicomweb_source("liar", liar), tmp_path / "front") as gateway:
+            ds = pydicom.dcmread(fixture_files()[0], stop_before_pixels=True)
+            with pytest.raises(httpx.RemoteProtocolError):  # never a frame that looks complete
+                httpx.get(frame_url(gateway, ds), headers=ANY_FRAME, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
