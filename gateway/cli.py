@@ -1,4 +1,4 @@
-"""Command line: ``gateway index`` and ``gateway serve``."""
+"""Command line: ``gateway index``, ``sources``, ``serve`` and ``viewer install``."""
 
 from __future__ import annotations
 

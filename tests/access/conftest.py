@@ -82,6 +82,7 @@ def site(tmp_path: Path) -> Site:
 url = "sqlite:///registry.db"
 [auth]
 emergency_minutes = 60
+cors_origins = ["https://viewer.example"]
 [[auth.issuers]]
 issuer = "{PSC}"
 audience = "gateway"

@@ -287,3 +287,23 @@ def test_the_access_history_exports_as_fhir_and_as_dicom_audit_messages(site):
     root = ElementTree.fromstring(dicom.content)
     assert root.tag == "AuditMessages" and len(root) == len(bundle["entry"])
     assert site.get("/api/audit?format=pdf", patient(site)).status_code == 400
+
+
+def test_a_cors_preflight_from_a_configured_origin_is_answered_without_credentials(site):
+    headers = {"Origin": "https://viewer.example", "Access-Control-Request-Method": "GET"}
+    response = site.client.request("OPTIONS", "/dicom-web/studies", headers=headers)
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == "https://viewer.example"
+    assert "Authorization" in response.headers["access-control-allow-headers"]
+
+
+def test_cors_headers_go_to_configured_origins_only(site):
+    allowed = site.get("/dicom-web/studies", patient(site), headers={"Origin": "https://viewer.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://viewer.example"
+    assert "X-Request-ID" in allowed.headers["access-control-expose-headers"]
+    other = site.get("/dicom-web/studies", patient(site), headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    preflight = site.client.request(
+        "OPTIONS", "/dicom-web/studies", headers={"Origin": "https://evil.example"}
+    )
+    assert "access-control-allow-origin" not in preflight.headers
