@@ -24,6 +24,7 @@ Every problem is reported as one ``ConfigError`` line naming the key, never a tr
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -127,15 +128,23 @@ class Config:
     notes: tuple[str, ...] = field(default=())
     auth: AuthConfig = field(default_factory=AuthConfig)
     access_url: str = ""  # grants, links, audit: never rebuilt (default: access.db beside the registry)
+    data_dir_override: Path | None = None  # [registry] data_dir
 
     @property
-    def registry_path(self) -> Path:
-        return Path(self.registry_url.removeprefix("sqlite:///"))
+    def registry_path(self) -> Path | str:
+        """The SQLite file, or the PostgreSQL URL without its password (for messages)."""
+        if self.registry_url.startswith("sqlite:///"):
+            return Path(self.registry_url.removeprefix("sqlite:///"))
+        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.registry_url)
 
     @property
     def data_dir(self) -> Path:
-        """Where the gateway keeps its files: the registry's directory (viewer, access db)."""
-        return self.registry_path.parent
+        """Where the gateway keeps its files (viewer, SQLite access db): the SQLite registry's
+        directory, or ``[registry] data_dir`` (default ``data`` beside the configuration)."""
+        if self.data_dir_override is not None:
+            return self.data_dir_override
+        path = self.registry_path
+        return path.parent if isinstance(path, Path) else Path("data").resolve()
 
     @property
     def access_path(self) -> Path:
@@ -198,16 +207,23 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
         raise ConfigError(f"server.port: {port} is outside 0-65535")
 
     registry_raw = _table(raw, "registry")
-    _only(registry_raw, "registry", {"url"})
+    _only(registry_raw, "registry", {"url", "data_dir"})
     url = env.get("GATEWAY_REGISTRY_URL") or _typed(registry_raw, "registry.url", str, None)
     if url is None:
         raise ConfigError("registry.url: missing (for example sqlite:///data/registry.db)")
-    if not url.startswith("sqlite:///"):
-        raise ConfigError(f"registry.url: {url!r} is not supported (only sqlite:///PATH for now)")
-    db_path = Path(url.removeprefix("sqlite:///"))
-    if not db_path.is_absolute():
-        db_path = base / db_path
-    url = f"sqlite:///{db_path}"
+    if url.startswith("sqlite:///"):
+        db_path = Path(url.removeprefix("sqlite:///"))
+        if not db_path.is_absolute():
+            db_path = base / db_path
+        url = f"sqlite:///{db_path}"
+    elif not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"registry.url: {url!r} is not sqlite:///PATH or postgresql://HOST/DATABASE")
+    data_dir_value = _typed(registry_raw, "registry.data_dir", str, None)
+    data_dir = None
+    if data_dir_value:
+        data_dir = Path(data_dir_value) if Path(data_dir_value).is_absolute() else base / data_dir_value
+    elif not url.startswith("sqlite:///"):
+        data_dir = base / "data"
 
     sources_raw = raw.get("sources", [])
     if not isinstance(sources_raw, list):
@@ -239,6 +255,7 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
         auth=auth,
         access_url=access_url,
         notes=notes,
+        data_dir_override=data_dir,
     )
 
 

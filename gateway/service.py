@@ -41,7 +41,7 @@ def make_source(config: SourceConfig) -> Source:
 class Gateway:
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
-        self.registry = registry or Registry(config.registry_path)
+        self.registry = registry or Registry(config.registry_url)
         self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources}
         self.federation = Federation(self.sources, {s.name: s.priority for s in config.sources})
         for source in self.sources.values():

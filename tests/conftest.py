@@ -14,6 +14,7 @@ import pytest
 from gateway.config import AuthConfig, Config, ServerConfig, SourceConfig
 from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
+from tests.backends import BACKENDS, Databases, databases, postgres_problem, postgres_required
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures" / "dicom"
@@ -23,15 +24,29 @@ def fixture_files() -> list[Path]:
     return sorted(FIXTURES.rglob("*.dcm"))
 
 
-def make_config(folder: Path, db: Path, name: str = "fixtures") -> Config:
+def make_config(folder: Path, db: Path | str, name: str = "fixtures") -> Config:
+    """``db``: a SQLite file, or any registry URL (``Databases.url``)."""
     sources = (SourceConfig(name, "filesystem", folder),)
-    return Config(ServerConfig(), f"sqlite:///{db}", sources, auth=AuthConfig(open=True))
+    url = db if isinstance(db, str) else f"sqlite:///{db}"
+    return Config(ServerConfig(), url, sources, auth=AuthConfig(open=True))
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def registry_urls(request: pytest.FixtureRequest) -> Iterator[Databases]:
+    """Fresh registry URLs on each backend: every test using the registry runs on both."""
+    if request.param == "postgresql":
+        problem = postgres_problem()
+        if problem and postgres_required():
+            pytest.fail(f"GATEWAY_TEST_POSTGRESQL is set but {problem}")
+        if problem:
+            pytest.skip(problem)
+    yield from databases(request.param)
 
 
 @pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, registry_urls: Databases) -> Iterator[Gateway]:
     db = tmp_path_factory.mktemp("registry") / "registry.db"
-    gw = Gateway(make_config(FIXTURES, db))
+    gw = Gateway(make_config(FIXTURES, registry_urls.url(db)))
     stats = gw.harvest("fixtures")
     assert stats.failed == 0, "the bundled fixtures must all index"
     yield gw

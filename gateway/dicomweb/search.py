@@ -6,7 +6,6 @@ does not hold as columns are read from one instance's stored DICOM JSON.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +17,7 @@ from starlette.responses import Response
 
 from gateway.errors import NotFound
 from gateway.registry.attributes import COMPUTED, LEVEL_COLUMNS, vr_of
+from gateway.registry.database import Row
 from gateway.registry.qido import MAX_RESULTS, Query, Restriction, compile_query, parse_qido
 from gateway.registry.record import person_name_json
 from gateway.registry.store import Registry
@@ -63,7 +63,7 @@ async def search(
 def _run(registry: Registry, query: Query, base_url: str) -> tuple[list[dict[str, Any]], bool]:
     if query.scope:
         _check_scope(registry, query.scope)
-    sql, params, limit = compile_query(query)
+    sql, params, limit = compile_query(query, registry.dialect)
     rows = registry.query(sql, params)
     cut = len(rows) > limit and (query.limit is None or query.limit > MAX_RESULTS)
     rows = rows[:limit]
@@ -97,7 +97,7 @@ def _check_scope(registry: Registry, scope: dict[str, str]) -> None:
 
 
 def _result(
-    registry: Registry, level: str, row: sqlite3.Row, returned: list[str], extra: list[str], base_url: str
+    registry: Registry, level: str, row: Row, returned: list[str], extra: list[str], base_url: str
 ) -> dict[str, Any]:
     keys = row.keys()
     out: dict[str, Any] = {"00080005": {"vr": "CS", "Value": ["ISO_IR 192"]}}
@@ -133,7 +133,7 @@ def _element(keyword: str, value: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": str(value).split("\\")}
 
 
-def _stored_metadata(registry: Registry, level: str, row: sqlite3.Row) -> dict[str, Any]:
+def _stored_metadata(registry: Registry, level: str, row: Row) -> dict[str, Any]:
     if level == "instance":
         found = registry.query(
             "SELECT metadata FROM instances WHERE SOPInstanceUID=?", (row["SOPInstanceUID"],)

@@ -193,9 +193,9 @@ def column(keyword: str) -> str:
     return f"{_ALIAS.get(keyword, 'i')}.{keyword}"
 
 
-def compile_query(query: Query) -> tuple[str, list[Any], int]:
+def compile_query(query: Query, dialect: str = "sqlite") -> tuple[str, list[Any], int]:
     """SQL selecting the matching rows' columns and computed attributes; returns the effective
-    limit too (at most ``MAX_RESULTS``)."""
+    limit too (at most ``MAX_RESULTS``). ``dialect``: "sqlite" or "postgresql"."""
     where: list[str] = []
     params: list[Any] = []
     for keyword, uid in query.scope.items():
@@ -225,7 +225,7 @@ def compile_query(query: Query) -> tuple[str, list[Any], int]:
     returned = set(query.returned) | (set(COMPUTED[query.level]) if query.include_all else set())
     if returned & set(COMPUTED["study"]):
         selects.append(
-            "(SELECT GROUP_CONCAT(DISTINCT x.Modality) FROM series x "
+            f"(SELECT {_AGGREGATE[dialect]} FROM series x "
             "WHERE x.StudyInstanceUID = st.StudyInstanceUID) AS ModalitiesInStudy"
         )
         selects.append(
@@ -249,6 +249,11 @@ def compile_query(query: Query) -> tuple[str, list[Any], int]:
         + f" ORDER BY {_ORDER[query.level]} LIMIT ? OFFSET ?"
     )
     params += [limit + 1, query.offset]  # one more row tells whether the page was cut
+    if dialect == "postgresql":
+        # Wildcards are built as GLOB patterns (case-sensitive, '*' '?'), PostgreSQL's LIKE is
+        # the same match with '%' '_' (and a backslash escape).
+        sql = sql.replace(" GLOB ?", " LIKE ?")
+        params = [_like(p) if isinstance(p, _Glob) else p for p in params]
     return sql, params, limit
 
 
@@ -323,7 +328,7 @@ def _condition(match: Match, fuzzy: bool, where: list[str], params: list[Any]) -
             params.append(high)
     elif kind == "wildcard":
         where.append(f"{col} GLOB ?")
-        params.append(_glob(values[0]))
+        params.append(_Glob(_glob(values[0])))
     elif vr in ("IS", "US", "UL", "SS", "SL"):
         where.append(f"{col} = ?")
         params.append(int(values[0]))
@@ -341,14 +346,43 @@ def _name_condition(
         for word in re.split(r"[\s^=,*?]+", folded):
             if word:
                 where.append(f"{col}_words GLOB ?")
-                params.append(f"* {_glob_escape(word)}*")
+                params.append(_Glob(f"* {_glob_escape(word)}*"))
         return
     if kind == "wildcard":
         where.append(f"{col}_fold GLOB ?")
-        params.append(_glob(folded))
+        params.append(_Glob(_glob(folded)))
     else:
         where.append(f"{col}_fold = ?")
         params.append(folded)
+
+
+_AGGREGATE = {
+    "sqlite": "GROUP_CONCAT(DISTINCT x.Modality)",
+    "postgresql": "string_agg(DISTINCT x.Modality, ',')",
+}
+
+
+class _Glob(str):
+    """A GLOB pattern among the parameters (PostgreSQL gets it as a LIKE pattern)."""
+
+
+def _like(pattern: str) -> str:
+    """A GLOB pattern as a LIKE pattern: '*' -> '%', '?' -> '_', '[c]' -> c; LIKE's own special
+    characters escaped with a backslash (PostgreSQL's default escape)."""
+    out, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "[" and i + 2 < len(pattern) and pattern[i + 2] == "]":
+            char, i = pattern[i + 1], i + 2
+            out.append("\\" + char if char in "%_\\" else char)
+        elif char == "*":
+            out.append("%")
+        elif char == "?":
+            out.append("_")
+        else:
+            out.append("\\" + char if char in "%_\\" else char)
+        i += 1
+    return "".join(out)
 
 
 def _glob_escape(text: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -15,6 +16,7 @@ from gateway.errors import SourceError
 from gateway.registry.harvest import harvest
 from gateway.registry.store import Registry
 from gateway.stream.filesystem import FolderSource
+from tests.backends import Databases
 from tests.conftest import fixture_files
 
 
@@ -28,8 +30,10 @@ def folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(tmp_path / "registry.db")
+def registry(tmp_path: Path, registry_urls: Databases) -> Iterator[Registry]:
+    registry = Registry(registry_urls.url(tmp_path / "registry.db"))
+    yield registry
+    registry.close()
 
 
 def test_first_harvest_indexes_every_file(folder, registry):

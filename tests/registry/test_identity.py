@@ -77,11 +77,12 @@ def test_a_local_id_finds_only_that_sites_studies(client):
 
 def test_a_registry_of_another_schema_version_is_emptied_for_harvest_to_refill(tmp_path):
     registry = Registry(tmp_path / "r.db")
-    registry.query("SELECT 1")
-    conn = registry._conn()
-    conn.execute("PRAGMA user_version = 1")
-    conn.execute("CREATE TABLE legacy (x)")
+    with registry.transaction() as conn:
+        conn.execute("INSERT INTO sources (name) VALUES ('old')")
+        conn.execute("CREATE TABLE unrelated (x)")
+    registry.db._conn().execute("PRAGMA user_version = 1")  # written by another schema version
     registry.close()
     again = Registry(tmp_path / "r.db")
+    assert again.query("SELECT COUNT(*) FROM sources")[0][0] == 0
     tables = {row[0] for row in again.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert "legacy" not in tables and "patients" in tables
+    assert "unrelated" in tables  # only the registry's own tables are rebuilt

@@ -12,6 +12,7 @@ from gateway.registry.harvest import harvest
 from gateway.registry.store import Registry
 from gateway.stream.dicomfile import PixelInfo
 from gateway.stream.source import Entry
+from tests.backends import Databases
 
 
 def instance(uid: str) -> Entry:
@@ -41,8 +42,10 @@ class FakeRemote:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(tmp_path / "registry.db")
+def registry(tmp_path: Path, registry_urls: Databases) -> Iterator[Registry]:
+    registry = Registry(registry_urls.url(tmp_path / "registry.db"))
+    yield registry
+    registry.close()
 
 
 def test_the_first_run_is_full_and_the_next_asks_for_recent_studies_only(registry):

@@ -1,0 +1,305 @@
+"""The registry's database: SQLite (embedded default) or PostgreSQL (several nodes), behind one
+small interface, so that the registry's SQL is written once.
+
+The SQL the registry writes is the common subset of both: ``?`` placeholders, ``ON CONFLICT``
+upserts, ``RETURNING``. What differs is said here once: column types, the wildcard operator
+(SQLite ``GLOB`` with ``*``/``?``; PostgreSQL ``LIKE`` with ``%``/``_``), string aggregation,
+how the schema version is kept, and how a reader learns that another connection committed (SQLite
+``PRAGMA data_version``; PostgreSQL a generation counter bumped by every write transaction).
+
+PostgreSQL folds unquoted names to lower case; rows give columns back under their DICOM keyword
+spelling (``StudyInstanceUID``), as SQLite does, so callers never see the difference. psycopg is
+imported only when a PostgreSQL URL is configured.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.errors import RegistryError
+
+__all__ = ["Database", "Row", "open_database", "SQLiteDatabase", "PostgresDatabase"]
+
+
+class Row(Protocol):
+    """A result row: by position or by column name (``row[0]``, ``row["PatientID"]``, ``keys()``)."""
+
+    def __getitem__(self, key: int | str) -> Any: ...
+    def __iter__(self) -> Iterator[Any]: ...
+    def __len__(self) -> int: ...
+    def keys(self) -> list[str]: ...
+
+
+class Database(Protocol):
+    dialect: str  # "sqlite" | "postgresql"
+    where: str  # for messages: the file or the server
+
+    def transaction(self) -> Any: ...  # context manager yielding a connection-like ``execute``
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]: ...
+    def change_token(self) -> Any: ...
+    def schema_version(self) -> int: ...
+    def create_schema(self, statements: list[str], version: int) -> None: ...
+    def drop(self, tables: Iterable[str]) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+def open_database(url: str, canonical: Iterable[str] = ()) -> SQLiteDatabase | PostgresDatabase:
+    """``sqlite:///PATH`` or ``postgresql://...``; ``canonical``: column names to give back in
+    their own spelling (PostgreSQL lower-cases them)."""
+    if url.startswith("sqlite:///"):
+        return SQLiteDatabase(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresDatabase(url, canonical)
+    raise RegistryError(f"registry url {url!r}: expected sqlite:///PATH or postgresql://...")
+
+
+# -- SQLite ------------------------------------------------------------------------------------
+
+
+class SQLiteDatabase:
+    dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._generation = 0
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise RegistryError(f"cannot open registry {self.path}: {exc}") from exc
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+            self._generation += 1  # data_version does not see this connection's own commits
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise RegistryError(f"registry write failed: {exc}") from exc
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        try:
+            return self._conn().execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry query failed: {exc}") from exc
+
+    def change_token(self) -> Any:
+        """Changes when any connection (this process's harvest, another process) has committed."""
+        return (self._conn().execute("PRAGMA data_version").fetchone()[0], self._generation)
+
+    def schema_version(self) -> int:
+        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+
+    def create_schema(self, statements: list[str], version: int) -> None:
+        conn = self._conn()
+        conn.executescript(";\n".join(statements) + ";")
+        conn.execute(f"PRAGMA user_version = {int(version)}")
+
+    def drop(self, tables: Iterable[str]) -> list[str]:
+        """Drop those of ``tables`` that exist; returns them."""
+        conn = self._conn()
+        existing = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        dropped = [table for table in tables if table in existing]
+        for table in dropped:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        return dropped
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+class _PgRow(tuple):  # type: ignore[type-arg]
+    """A tuple that answers by column name too, like sqlite3.Row."""
+
+    __slots__ = ()
+    _index: dict[str, int]
+    _names: list[str]
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return self._names
+
+
+def _row_class(names: Sequence[str]) -> type[_PgRow]:
+    index: dict[str, int] = {}
+    for position, name in enumerate(names):
+        index.setdefault(name, position)  # a duplicate name (st.*, se.*): the first, as in SQLite
+    return type("Row", (_PgRow,), {"_index": index, "_names": list(names), "__slots__": ()})
+
+
+class _PgConnection:
+    """What the registry's write code calls on a connection: ``execute(sql, params)``."""
+
+    def __init__(self, conn: Any, database: PostgresDatabase) -> None:
+        self._conn = conn
+        self._database = database
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._database._execute(self._conn, sql, params)
+
+
+class _PgCursor:
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+
+class PostgresDatabase:
+    dialect = "postgresql"
+
+    def __init__(self, url: str, canonical: Iterable[str] = ()) -> None:
+        try:
+            import psycopg
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise RegistryError(
+                f"registry {_redact(url)}: PostgreSQL needs psycopg and psycopg-pool ({exc})"
+            ) from exc
+        self._psycopg = psycopg
+        self.where = _redact(url)
+        self._canonical = {name.lower(): name for name in canonical}
+        self._rows: dict[tuple[str, ...], type[_PgRow]] = {}
+        try:
+            # Connections are borrowed per query or transaction: a node's worker threads share a
+            # few, and many nodes fit in PostgreSQL's max_connections.
+            self._pool = ConnectionPool(
+                url, min_size=1, max_size=8, timeout=30, kwargs={"autocommit": True}, open=False
+            )
+            self._pool.open(wait=True, timeout=10)
+        except (psycopg.Error, Exception) as exc:
+            raise RegistryError(f"cannot connect to registry {self.where}: {exc}") from exc
+
+    def _execute(self, conn: Any, sql: str, params: Sequence[Any]) -> _PgCursor:
+        # PostgreSQL text cannot hold NUL, which a request's UIDs or match values may: such a
+        # value matches nothing stored (as in SQLite), so it is made one that cannot either.
+        values = tuple(
+            p.replace("\x00", "\ufffd") if isinstance(p, str) and "\x00" in p else p for p in params
+        )
+        try:
+            cursor = conn.execute(_PLACEHOLDER.sub("%s", sql), values, prepare=False)
+            rows: list[Any] = []
+            if cursor.description is not None:
+                names = tuple(self._canonical.get(column.name, column.name) for column in cursor.description)
+                row_class = self._rows.get(names)
+                if row_class is None:
+                    row_class = self._rows[names] = _row_class(names)
+                rows = [row_class(values) for values in cursor.fetchall()]
+            return _PgCursor(rows, cursor.rowcount)
+        except self._psycopg.Error as exc:
+            raise RegistryError(f"registry query failed: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[_PgConnection]:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                wrapped = _PgConnection(conn, self)
+                yield wrapped
+                # Readers on every node notice the commit (see change_token).
+                wrapped.execute("UPDATE registry_meta SET generation = generation + 1")
+        except self._psycopg.Error as exc:
+            raise RegistryError(f"registry write failed: {exc}") from exc
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        try:
+            with self._pool.connection() as conn:
+                return self._execute(conn, sql, tuple(params)).fetchall()
+        except self._psycopg.Error as exc:
+            raise RegistryError(f"registry query failed: {exc}") from exc
+
+    def change_token(self) -> Any:
+        rows = self.query("SELECT generation FROM registry_meta")
+        return rows[0][0] if rows else None
+
+    def schema_version(self) -> int:
+        rows = self.query(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() "
+            "AND table_name = 'registry_meta'"
+        )
+        if not rows:
+            return 0
+        return int(self.query("SELECT version FROM registry_meta")[0][0])
+
+    def create_schema(self, statements: list[str], version: int) -> None:
+        with self.transaction_without_generation() as conn:
+            # One node creates the schema at a time (nodes starting together).
+            conn.execute("SELECT pg_advisory_xact_lock(7267)")
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("CREATE TABLE IF NOT EXISTS registry_meta (version INTEGER, generation BIGINT)")
+            conn.execute("DELETE FROM registry_meta")
+            conn.execute("INSERT INTO registry_meta VALUES (?, 0)", (int(version),))
+
+    @contextmanager
+    def transaction_without_generation(self) -> Iterator[_PgConnection]:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield _PgConnection(conn, self)
+        except self._psycopg.Error as exc:
+            raise RegistryError(f"registry write failed: {exc}") from exc
+
+    def drop(self, tables: Iterable[str]) -> list[str]:
+        """Drop those of ``tables`` that exist (only the registry's own: the access tables may
+        share the database); returns them."""
+        existing = {
+            row[0]
+            for row in self.query(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            )
+        }
+        dropped = [table for table in tables if table.lower() in existing]
+        with self.transaction_without_generation() as conn:
+            for table in dropped:
+                conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+        return dropped
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
