@@ -127,7 +127,7 @@ class Config:
     origin: str = "embedded default"
     notes: tuple[str, ...] = field(default=())
     auth: AuthConfig = field(default_factory=AuthConfig)
-    access_url: str = ""  # grants, links, audit: never rebuilt (default: access.db beside the registry)
+    access_url: str = ""  # grants, links, audit: never rebuilt (see access_database)
     data_dir_override: Path | None = None  # [registry] data_dir
 
     @property
@@ -147,10 +147,15 @@ class Config:
         return path.parent if isinstance(path, Path) else Path("data").resolve()
 
     @property
-    def access_path(self) -> Path:
+    def access_database(self) -> str:
+        """Where grants, links and the audit live: ``[access] url``; by default the registry's
+        PostgreSQL database (every node must see the same decisions), or ``access.db`` beside a
+        SQLite registry."""
         if self.access_url:
-            return Path(self.access_url.removeprefix("sqlite:///"))
-        return self.data_dir / "access.db"
+            return self.access_url
+        if not self.registry_url.startswith("sqlite:///"):
+            return self.registry_url
+        return f"sqlite:///{self.data_dir / 'access.db'}"
 
 
 def _fixtures_dir() -> Path:
@@ -238,11 +243,11 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
     access_raw = _table(raw, "access")
     _only(access_raw, "access", {"url"})
     access_url = _typed(access_raw, "access.url", str, "")
-    if access_url:
-        if not access_url.startswith("sqlite:///"):
-            raise ConfigError(f"access.url: {access_url!r} is not supported (only sqlite:///PATH for now)")
+    if access_url.startswith("sqlite:///"):
         access_path = Path(access_url.removeprefix("sqlite:///"))
         access_url = f"sqlite:///{access_path if access_path.is_absolute() else base / access_path}"
+    elif access_url and not access_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"access.url: {access_url!r} is not sqlite:///PATH or postgresql://HOST/DATABASE")
     auth = _auth(_table(raw, "auth"), base)
     notes: tuple[str, ...] = ()
     if auth.open and host not in _LOOPBACK:

@@ -128,7 +128,7 @@ def test_open_access_off_loopback_is_noted(tmp_path):
 
 def test_the_access_database_sits_beside_the_registry_by_default(tmp_path):
     config = load_config(write(tmp_path, REGISTRY + "[auth]\nopen=true\n"), env={})
-    assert config.access_path == tmp_path / "access.db"
+    assert config.access_database == f"sqlite:///{tmp_path / 'access.db'}"
 
 
 def test_a_postgresql_registry_keeps_its_files_in_a_data_directory(tmp_path):
@@ -137,3 +137,4 @@ def test_a_postgresql_registry_keeps_its_files_in_a_data_directory(tmp_path):
     assert config.registry_url.startswith("postgresql://")
     assert "secret" not in str(config.registry_path)  # messages never show the password
     assert config.data_dir == tmp_path / "data"
+    assert config.access_database == config.registry_url  # every node sees the same decisions

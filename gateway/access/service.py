@@ -24,7 +24,7 @@ SESSION_COOKIE = "gateway_session"  # a study link's session (HttpOnly, SameSite
 class Access:
     def __init__(self, config: Config, registry: Registry) -> None:
         self.config = config.auth
-        self.store = AccessStore(config.access_path)
+        self.store = AccessStore(config.access_database)
         self.authenticator = Authenticator(config.auth)
         self.policy = Policy(self.store, registry)
         self.audit = AuditLog(self.store)

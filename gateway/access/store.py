@@ -1,9 +1,10 @@
 """What patients decided and what happened: grants, hidden studies, emergency accesses, study
-links and their sessions, and the audit log, in their own SQLite database.
+links and their sessions, and the audit log: in a SQLite file of their own, or in PostgreSQL
+(the registry's database, tables of their own), where every node sees the same decisions.
 
 Kept apart from the registry on purpose: the registry is an index that harvest can rebuild at any
 time (a schema change empties it); none of this can be rebuilt. The schema is migrated forward
-(``_MIGRATIONS``), never dropped. The audit table refuses UPDATE and DELETE (triggers).
+(``_migrations``), never dropped. The audit table refuses UPDATE and DELETE (triggers).
 
 Secrets (link tokens, session cookies) are stored as SHA-256 digests only.
 """
@@ -12,53 +13,68 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, fields
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import astuple, fields
 from typing import Any
 
 from gateway.access.record import AuditRecord
 from gateway.errors import RegistryError
+from gateway.registry.database import open_database
 
 __all__ = ["AccessStore", "digest", "new_secret"]
 
-_MIGRATIONS = [
-    """
-    CREATE TABLE grants (
+
+def _migrations(dialect: str) -> list[list[str]]:
+    """Forward migrations, one list of statements per version; never edited once released."""
+    real, serial = ("REAL", "INTEGER PRIMARY KEY AUTOINCREMENT")
+    if dialect == "postgresql":
+        real, serial = ("DOUBLE PRECISION", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
+    first = [
+        f"""CREATE TABLE grants (
         id TEXT PRIMARY KEY, patient TEXT NOT NULL, grantee TEXT NOT NULL,
-        created REAL NOT NULL, expires REAL, revoked REAL);
-    CREATE INDEX grants_patient ON grants (patient, grantee);
-    CREATE TABLE hidden (
-        StudyInstanceUID TEXT PRIMARY KEY, patient TEXT NOT NULL, created REAL NOT NULL);
-    CREATE TABLE emergency (
+        created {real} NOT NULL, expires {real}, revoked {real})""",
+        "CREATE INDEX grants_patient ON grants (patient, grantee)",
+        f"""CREATE TABLE hidden (
+        StudyInstanceUID TEXT PRIMARY KEY, patient TEXT NOT NULL, created {real} NOT NULL)""",
+        f"""CREATE TABLE emergency (
         id TEXT PRIMARY KEY, patient TEXT NOT NULL, actor TEXT NOT NULL, organization TEXT,
-        reason TEXT NOT NULL, created REAL NOT NULL, expires REAL NOT NULL);
-    CREATE INDEX emergency_actor ON emergency (actor, patient);
-    CREATE TABLE links (
+        reason TEXT NOT NULL, created {real} NOT NULL, expires {real} NOT NULL)""",
+        "CREATE INDEX emergency_actor ON emergency (actor, patient)",
+        f"""CREATE TABLE links (
         id TEXT PRIMARY KEY, secret TEXT NOT NULL UNIQUE, StudyInstanceUID TEXT NOT NULL,
         patient TEXT, creator TEXT NOT NULL, creator_role TEXT NOT NULL,
-        created REAL NOT NULL, expires REAL NOT NULL, revoked REAL);
-    CREATE INDEX links_creator ON links (creator);
-    CREATE TABLE sessions (
-        secret TEXT PRIMARY KEY, link TEXT NOT NULL REFERENCES links(id), expires REAL NOT NULL);
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, request_id TEXT NOT NULL,
+        created {real} NOT NULL, expires {real} NOT NULL, revoked {real})""",
+        "CREATE INDEX links_creator ON links (creator)",
+        f"""CREATE TABLE sessions (
+        secret TEXT PRIMARY KEY, link TEXT NOT NULL REFERENCES links(id), expires {real} NOT NULL)""",
+        f"""CREATE TABLE audit (
+        id {serial}, time {real} NOT NULL, request_id TEXT NOT NULL,
         actor TEXT NOT NULL, role TEXT NOT NULL, action TEXT NOT NULL, outcome TEXT NOT NULL,
         status INTEGER NOT NULL, patient TEXT, study TEXT, organization TEXT,
-        emergency INTEGER NOT NULL, reason TEXT, source TEXT, bytes_sent INTEGER NOT NULL,
-        client TEXT, path TEXT);
-    CREATE INDEX audit_patient ON audit (patient, time);
-    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    """,
-]
+        emergency INTEGER NOT NULL, reason TEXT, source TEXT, bytes_sent BIGINT NOT NULL,
+        client TEXT, path TEXT)""",
+        "CREATE INDEX audit_patient ON audit (patient, time)",
+    ]
+    if dialect == "postgresql":
+        first += [
+            """CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS
+            'BEGIN RAISE EXCEPTION ''the audit log is append-only''; END'""",
+            """CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+            FOR EACH ROW EXECUTE FUNCTION audit_append_only()""",
+        ]
+    else:
+        first += [
+            """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+            """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+        ]
+    return [first]
+
+
 _AUDIT_COLUMNS = [f.name for f in fields(AuditRecord) if f.name != "id"]
+_AUDIT_ROWS = 100  # records per INSERT statement
 
 
 def digest(secret: str) -> str:
@@ -70,55 +86,23 @@ def new_secret() -> str:
 
 
 class AccessStore:
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+    def __init__(self, url: str) -> None:
+        """``url``: ``sqlite:///PATH`` or ``postgresql://...``."""
+        self.db = open_database(url, ("StudyInstanceUID",), meta="access_meta")
+        self.where = self.db.where
         try:
-            conn = self._conn()
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-                conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
-        except sqlite3.Error as exc:
-            raise RegistryError(f"cannot create the access database {self.path}: {exc}") from exc
+            self.db.migrate(_migrations(self.db.dialect))
+        except RegistryError as exc:
+            raise RegistryError(f"cannot create the access tables in {self.where}: {exc.message}") from exc
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+    def _write(self) -> Any:
+        return self.db.transaction()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            yield conn
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise RegistryError(f"access database write failed: {exc}") from exc
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        try:
-            return self._conn().execute(sql, tuple(params)).fetchall()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"access database query failed: {exc}") from exc
+    def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        return self.db.query(sql, params)
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self.db.close()
 
     # -- grants, hidden studies, emergency access ------------------------------------------------
 
@@ -126,9 +110,7 @@ class AccessStore:
         row: dict[str, Any] = {"id": secrets.token_hex(8), "patient": patient, "grantee": grantee}
         row |= {"created": time.time(), "expires": expires, "revoked": None}
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO grants VALUES (:id, :patient, :grantee, :created, :expires, :revoked)", row
-            )
+            conn.execute("INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?)", tuple(row.values()))
         return row
 
     def grants(self, patient: str) -> list[dict[str, Any]]:
@@ -155,7 +137,9 @@ class AccessStore:
 
     def hide(self, study: str, patient: str) -> None:
         with self._write() as conn:
-            conn.execute("INSERT OR IGNORE INTO hidden VALUES (?, ?, ?)", (study, patient, time.time()))
+            conn.execute(
+                "INSERT INTO hidden VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (study, patient, time.time())
+            )
 
     def unhide(self, study: str, patient: str) -> bool:
         with self._write() as conn:
@@ -179,11 +163,7 @@ class AccessStore:
         row["organization"] = organization
         row |= {"reason": reason, "created": time.time(), "expires": expires}
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO emergency VALUES "
-                "(:id, :patient, :actor, :organization, :reason, :created, :expires)",
-                row,
-            )
+            conn.execute("INSERT INTO emergency VALUES (?, ?, ?, ?, ?, ?, ?)", tuple(row.values()))
         return row
 
     def emergency_patients(self, actor: str, now: float) -> set[str]:
@@ -211,11 +191,7 @@ class AccessStore:
         row |= {"patient": patient, "creator": creator, "creator_role": creator_role}
         row |= {"created": time.time(), "expires": expires, "revoked": None}
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO links VALUES (:id, :secret, :StudyInstanceUID, :patient, :creator, "
-                ":creator_role, :created, :expires, :revoked)",
-                row,
-            )
+            conn.execute("INSERT INTO links VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", tuple(row.values()))
         return row, secret
 
     def links(self, creator: str) -> list[dict[str, Any]]:
@@ -259,9 +235,17 @@ class AccessStore:
 
     def append_audit(self, records: list[AuditRecord]) -> None:
         columns = ", ".join(_AUDIT_COLUMNS)
-        marks = ", ".join(f":{name}" for name in _AUDIT_COLUMNS)
+        row = "(" + ", ".join("?" * len(_AUDIT_COLUMNS)) + ")"
         with self._write() as conn:
-            conn.executemany(f"INSERT INTO audit ({columns}) VALUES ({marks})", [asdict(r) for r in records])
+            for start in range(0, len(records), _AUDIT_ROWS):
+                batch = records[start : start + _AUDIT_ROWS]
+                # All but id; booleans as integers (PostgreSQL does not cast them to INTEGER).
+                values = [
+                    int(value) if isinstance(value, bool) else value
+                    for record in batch
+                    for value in astuple(record)[:-1]
+                ]
+                conn.execute(f"INSERT INTO audit ({columns}) VALUES {', '.join([row] * len(batch))}", values)
 
     def audit(
         self, patient: str | None = None, limit: int = 1000, before: int | None = None

@@ -45,17 +45,22 @@ class Database(Protocol):
     def change_token(self) -> Any: ...
     def schema_version(self) -> int: ...
     def create_schema(self, statements: list[str], version: int) -> None: ...
+    def migrate(self, migrations: list[list[str]]) -> int: ...
     def drop(self, tables: Iterable[str]) -> list[str]: ...
     def close(self) -> None: ...
 
 
-def open_database(url: str, canonical: Iterable[str] = ()) -> SQLiteDatabase | PostgresDatabase:
+def open_database(
+    url: str, canonical: Iterable[str] = (), meta: str = "registry_meta"
+) -> SQLiteDatabase | PostgresDatabase:
     """``sqlite:///PATH`` or ``postgresql://...``; ``canonical``: column names to give back in
-    their own spelling (PostgreSQL lower-cases them)."""
+    their own spelling (PostgreSQL lower-cases them); ``meta``: the table keeping the schema
+    version on PostgreSQL, where the registry and the access tables may share one database (a
+    SQLite file holds one of them and keeps its version in ``PRAGMA user_version``)."""
     if url.startswith("sqlite:///"):
         return SQLiteDatabase(Path(url.removeprefix("sqlite:///")))
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresDatabase(url, canonical)
+        return PostgresDatabase(url, canonical, meta)
     raise RegistryError(f"registry url {url!r}: expected sqlite:///PATH or postgresql://...")
 
 
@@ -120,6 +125,16 @@ class SQLiteDatabase:
         conn = self._conn()
         conn.executescript(";\n".join(statements) + ";")
         conn.execute(f"PRAGMA user_version = {int(version)}")
+
+    def migrate(self, migrations: list[list[str]]) -> int:
+        """Apply the migrations after the recorded version, each in one transaction."""
+        version = self.schema_version()
+        for number, statements in enumerate(migrations[version:], start=version + 1):
+            with self.transaction() as conn:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+        return len(migrations)
 
     def drop(self, tables: Iterable[str]) -> list[str]:
         """Drop those of ``tables`` that exist; returns them."""
@@ -191,7 +206,8 @@ class _PgCursor:
 class PostgresDatabase:
     dialect = "postgresql"
 
-    def __init__(self, url: str, canonical: Iterable[str] = ()) -> None:
+    def __init__(self, url: str, canonical: Iterable[str] = (), meta: str = "registry_meta") -> None:
+        self.meta = meta
         try:
             import psycopg
             from psycopg_pool import ConnectionPool
@@ -239,7 +255,7 @@ class PostgresDatabase:
                 wrapped = _PgConnection(conn, self)
                 yield wrapped
                 # Readers on every node notice the commit (see change_token).
-                wrapped.execute("UPDATE registry_meta SET generation = generation + 1")
+                wrapped.execute(f"UPDATE {self.meta} SET generation = generation + 1")
         except self._psycopg.Error as exc:
             raise RegistryError(f"registry write failed: {exc}") from exc
 
@@ -251,17 +267,19 @@ class PostgresDatabase:
             raise RegistryError(f"registry query failed: {exc}") from exc
 
     def change_token(self) -> Any:
-        rows = self.query("SELECT generation FROM registry_meta")
+        rows = self.query(f"SELECT generation FROM {self.meta}")
         return rows[0][0] if rows else None
 
     def schema_version(self) -> int:
         rows = self.query(
             "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() "
-            "AND table_name = 'registry_meta'"
+            "AND table_name = ?",
+            (self.meta,),
         )
         if not rows:
             return 0
-        return int(self.query("SELECT version FROM registry_meta")[0][0])
+        found = self.query(f"SELECT version FROM {self.meta}")
+        return int(found[0][0]) if found else 0
 
     def create_schema(self, statements: list[str], version: int) -> None:
         with self.transaction_without_generation() as conn:
@@ -269,9 +287,25 @@ class PostgresDatabase:
             conn.execute("SELECT pg_advisory_xact_lock(7267)")
             for statement in statements:
                 conn.execute(statement)
-            conn.execute("CREATE TABLE IF NOT EXISTS registry_meta (version INTEGER, generation BIGINT)")
-            conn.execute("DELETE FROM registry_meta")
-            conn.execute("INSERT INTO registry_meta VALUES (?, 0)", (int(version),))
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {self.meta} (version INTEGER, generation BIGINT)")
+            conn.execute(f"DELETE FROM {self.meta}")
+            conn.execute(f"INSERT INTO {self.meta} VALUES (?, 0)", (int(version),))
+
+    def migrate(self, migrations: list[list[str]]) -> int:
+        """Apply the migrations after the recorded version, each in one transaction, one node
+        at a time."""
+        with self.transaction_without_generation() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(7268)")
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {self.meta} (version INTEGER, generation BIGINT)")
+            found = conn.execute(f"SELECT version FROM {self.meta}").fetchone()
+            if found is None:
+                conn.execute(f"INSERT INTO {self.meta} VALUES (0, 0)")
+            version = int(found[0]) if found else 0
+            for number, statements in enumerate(migrations[version:], start=version + 1):
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(f"UPDATE {self.meta} SET version = ?", (number,))
+        return len(migrations)
 
     @contextmanager
     def transaction_without_generation(self) -> Iterator[_PgConnection]:

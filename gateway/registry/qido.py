@@ -267,7 +267,7 @@ def _restrict(restriction: Restriction, where: list[str], params: list[Any]) -> 
         if values is None:
             continue
         if not values:
-            where.append("0")  # nothing is visible
+            where.append("1 = 0")  # nothing is visible
             continue
         where.append(f"{column_name} {'NOT IN' if negate else 'IN'} ({','.join('?' * len(values))})")
         params.extend(sorted(values))

@@ -22,6 +22,7 @@ from gateway.access.service import Access
 from gateway.config import load_config
 from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
+from tests.backends import Databases
 from tests.conftest import Client
 
 NIR_OID = "1.2.250.1.213.1.4.8"
@@ -65,7 +66,8 @@ def _study(folder: Path, uid: str, patient_id: str, ins: str | None) -> None:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Site:
+def site(tmp_path: Path, registry_urls: Databases) -> Site:
+    """On each registry backend (the access tables share a PostgreSQL registry's database)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk = orjson.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     (tmp_path / "jwks.json").write_bytes(orjson.dumps({"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}))
@@ -79,7 +81,7 @@ def site(tmp_path: Path) -> Site:
     (tmp_path / "gateway.toml").write_text(
         f"""
 [registry]
-url = "sqlite:///registry.db"
+url = "{registry_urls.url(tmp_path / "registry.db")}"
 [auth]
 emergency_minutes = 60
 cors_origins = ["https://viewer.example"]
