@@ -101,6 +101,9 @@ def _index(config: Config, workers: int, only: str | None = None) -> int:
                 failed = True
                 continue
             bar.close()
+            if stats is None:
+                print(f"{source.name}: being harvested by another node right now; not harvested")
+                continue
             elapsed = (stats.finished or 0) - (stats.started or 0)
             print(
                 f"{source.name}: {stats.seen} files seen, {stats.indexed} indexed, "

@@ -62,10 +62,17 @@ class Gateway:
         )
         self.registry.learn(source, path, record, syntax, {"remote": count, "bulk": {}})
 
-    def harvest(self, name: str, progress=None, executor: Executor | None = None) -> SourceStats:
+    def harvest(self, name: str, progress=None, executor: Executor | None = None) -> SourceStats | None:
+        """Harvest one source; None when another node (or process) is harvesting it right now:
+        one harvest per source at a time, whatever the number of nodes on the registry."""
         source = self.sources[name]
-        # Worker processes parse files; remote sources hand over parsed metadata already.
-        return harvest(self.registry, source, progress, executor if source.kind == "filesystem" else None)
+        with self.registry.db.exclusive(f"harvest:{name}") as mine:
+            if not mine:
+                log.info("source %s: being harvested by another node; skipped this round", name)
+                return None
+            # Worker processes parse files; remote sources hand over parsed metadata already.
+            pool = executor if source.kind == "filesystem" else None
+            return harvest(self.registry, source, progress, pool)
 
     async def harvest_forever(self, source_config: SourceConfig) -> None:
         """Harvest one source now and then every ``interval`` seconds; errors are logged, the

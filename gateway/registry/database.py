@@ -14,6 +14,7 @@ imported only when a PostgreSQL URL is configured.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 import threading
@@ -46,6 +47,7 @@ class Database(Protocol):
     def schema_version(self) -> int: ...
     def create_schema(self, statements: list[str], version: int) -> None: ...
     def migrate(self, migrations: list[list[str]]) -> int: ...
+    def exclusive(self, name: str) -> Any: ...  # context manager yielding True if this holder has it
     def drop(self, tables: Iterable[str]) -> list[str]: ...
     def close(self) -> None: ...
 
@@ -120,6 +122,24 @@ class SQLiteDatabase:
 
     def schema_version(self) -> int:
         return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """True for one holder at a time across processes sharing this file (a lock file
+        beside it), False at once for the others."""
+        import fcntl
+
+        lock = self.path.with_name(f"{self.path.name}.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock")
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def create_schema(self, statements: list[str], version: int) -> None:
         conn = self._conn()
@@ -314,6 +334,23 @@ class PostgresDatabase:
                 yield _PgConnection(conn, self)
         except self._psycopg.Error as exc:
             raise RegistryError(f"registry write failed: {exc}") from exc
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """True for one holder at a time across every node (a session-level advisory lock on a
+        connection kept for the duration), False at once for the others."""
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        try:
+            with self._pool.connection() as conn:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                held = bool(row and row[0])
+                try:
+                    yield bool(held)
+                finally:
+                    if held:
+                        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        except self._psycopg.Error as exc:
+            raise RegistryError(f"registry lock {name!r} failed: {exc}") from exc
 
     def drop(self, tables: Iterable[str]) -> list[str]:
         """Drop those of ``tables`` that exist (only the registry's own: the access tables may
