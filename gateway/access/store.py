@@ -194,8 +194,14 @@ class AccessStore:
             conn.execute("INSERT INTO links VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", tuple(row.values()))
         return row, secret
 
-    def links(self, creator: str) -> list[dict[str, Any]]:
-        rows = self._rows("SELECT * FROM links WHERE creator=? ORDER BY created", (creator,))
+    def links(self, creator: str, everything: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+        """The creator's links, newest first: the active ones, or ``everything`` (revoked and
+        expired too), at most ``limit``."""
+        active = "" if everything else " AND revoked IS NULL AND expires > ?"
+        params: tuple[Any, ...] = (creator,) if everything else (creator, time.time())
+        rows = self._rows(
+            f"SELECT * FROM links WHERE creator=?{active} ORDER BY created DESC LIMIT ?", (*params, limit)
+        )
         return [{k: r[k] for k in r.keys() if k != "secret"} for r in rows]
 
     def link_by_secret(self, secret: str) -> dict[str, Any] | None:

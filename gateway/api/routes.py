@@ -2,7 +2,7 @@
 Invoke Image Display.
 
     POST   /api/links              {"StudyInstanceUID", "expires_in"} -> {"id", "url", "expires_at"}
-    GET    /api/links              the caller's links
+    GET    /api/links[?all=true]   the caller's active links, newest first (all: revoked and expired too)
     DELETE /api/links/{id}         revoke (its sessions end at once)
     GET    /link/{secret}          exchange the secret for a study-scoped session cookie -> viewer
     POST   /api/grants             patient: {"grantee": "<RPPS>" | "org:<FINESS>", "expires_in"?}
@@ -129,7 +129,8 @@ def api_routes(access: Access) -> list[Route]:
 
     async def list_links(request: Request) -> Response:
         principal = _principal(request)
-        links = await run(store.links, principal.actor)
+        everything = request.query_params.get("all", "").lower() in ("1", "true", "yes")
+        links = await run(store.links, principal.actor, everything)
         return _json([_link_json(link) for link in links])
 
     async def revoke_link(request: Request) -> Response:

@@ -126,3 +126,12 @@ def test_a_revoked_links_cookie_does_not_stop_another_link_from_opening(site):
     second = make_link(site, "alice-2").json()
     response = site.client.get(urlsplit(second["url"]).path, headers={"Cookie": cookie})
     assert response.status_code == 303
+
+
+def test_the_link_list_shows_active_links_unless_all_are_asked_for(site):
+    kept, revoked = make_link(site).json(), make_link(site, "alice-2").json()
+    site.delete(f"/api/links/{revoked['id']}", patient(site))
+    assert [item["id"] for item in site.get("/api/links", patient(site)).json()] == [kept["id"]]
+    everything = site.get("/api/links?all=true", patient(site)).json()
+    assert [item["id"] for item in everything] == [revoked["id"], kept["id"]]  # newest first
+    assert everything[0]["revoked_at"] is not None
