@@ -25,6 +25,7 @@ from gateway.registry.attributes import (
     vr_of,
 )
 from gateway.registry.record import INS_ISSUERS, fold_text, normalize_time
+from gateway.registry.store import SERIES_COLUMNS
 
 __all__ = ["Restriction", "Match", "Query", "parse_qido", "compile_query", "MAX_RESULTS"]
 
@@ -186,6 +187,11 @@ _ORDER = {
     "series": "se.SeriesNumber, se.SeriesInstanceUID",
     "instance": "i.InstanceNumber, i.SOPInstanceUID",
 }
+_PAGE_ORDER = {level: re.sub(r"\b(st|se|i)\.", "page.", order) for level, order in _ORDER.items()}
+_SERIES_COLUMNS = tuple(c for c in SERIES_COLUMNS if c != "StudyInstanceUID")
+_INSTANCE_FIELDS = (
+    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames",
+)  # fmt: skip
 _TIME_COLUMNS = {"StudyTime", "SeriesTime", "ContentTime", "PerformedProcedureStepStartTime"}
 
 
@@ -205,42 +211,36 @@ def compile_query(query: Query, dialect: str = "sqlite") -> tuple[str, list[Any]
         _condition(match, query.fuzzy, where, params)
     if query.restriction is not None:
         _restrict(query.restriction, where, params)
-    selects = (
-        ["p.*", "st.*"]
-        + (["se.*"] if query.level != "study" else [])
-        + (
-            [
-                "i.SOPInstanceUID",
-                "i.SOPClassUID",
-                "i.InstanceNumber",
-                "i.Rows",
-                "i.Columns",
-                "i.BitsAllocated",
-                "i.NumberOfFrames",
-            ]
-            if query.level == "instance"
-            else []
-        )
-    )
+    # The page is chosen first; the computed attributes (correlated counts) are then worked out
+    # for its rows only, not for every match (at 1,000,000 instances a date window matched 849
+    # studies: 14 ms of SQL with the counts for all, 4 ms without; bench/scale.py).
+    selects = ["p.*", "st.*"]
+    if query.level != "study":
+        # Named one by one: se.* would repeat StudyInstanceUID, which PostgreSQL refuses to
+        # resolve from the page.
+        selects += [f"se.{name}" for name in _SERIES_COLUMNS]
+    if query.level == "instance":
+        selects += [f"i.{name}" for name in _INSTANCE_FIELDS]
+    computed = []
     returned = set(query.returned) | (set(COMPUTED[query.level]) if query.include_all else set())
     if returned & set(COMPUTED["study"]):
-        selects.append(
+        computed.append(
             f"(SELECT {_AGGREGATE[dialect]} FROM series x "
-            "WHERE x.StudyInstanceUID = st.StudyInstanceUID) AS ModalitiesInStudy"
+            "WHERE x.StudyInstanceUID = page.StudyInstanceUID) AS ModalitiesInStudy"
         )
-        selects.append(
-            "(SELECT COUNT(*) FROM series x WHERE x.StudyInstanceUID = st.StudyInstanceUID) "
+        computed.append(
+            "(SELECT COUNT(*) FROM series x WHERE x.StudyInstanceUID = page.StudyInstanceUID) "
             "AS NumberOfStudyRelatedSeries"
         )
-        selects.append(
+        computed.append(
             "(SELECT COUNT(*) FROM series x JOIN instances y ON y.SeriesInstanceUID = "
-            "x.SeriesInstanceUID WHERE x.StudyInstanceUID = st.StudyInstanceUID) "
+            "x.SeriesInstanceUID WHERE x.StudyInstanceUID = page.StudyInstanceUID) "
             "AS NumberOfStudyRelatedInstances"
         )
     if query.level != "study" and "NumberOfSeriesRelatedInstances" in returned:
-        selects.append(
+        computed.append(
             "(SELECT COUNT(*) FROM instances y WHERE y.SeriesInstanceUID = "
-            "se.SeriesInstanceUID) AS NumberOfSeriesRelatedInstances"
+            "page.SeriesInstanceUID) AS NumberOfSeriesRelatedInstances"
         )
     limit = min(query.limit if query.limit is not None else MAX_RESULTS, MAX_RESULTS)
     sql = (
@@ -248,6 +248,8 @@ def compile_query(query: Query, dialect: str = "sqlite") -> tuple[str, list[Any]
         + (f" WHERE {' AND '.join(where)}" if where else "")
         + f" ORDER BY {_ORDER[query.level]} LIMIT ? OFFSET ?"
     )
+    if computed:
+        sql = f"SELECT page.*, {', '.join(computed)} FROM ({sql}) page ORDER BY {_PAGE_ORDER[query.level]}"
     params += [limit + 1, query.offset]  # one more row tells whether the page was cut
     if dialect == "postgresql":
         # Wildcards are built as GLOB patterns (case-sensitive, '*' '?'), PostgreSQL's LIKE is
