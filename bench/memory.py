@@ -14,6 +14,8 @@ from bench.report import Table, verdict
 from bench.servers import gateway_server, log_problems, write_gateway_config
 from bench.study import Study, prepare_study, warm_page_cache
 
+CLIENTS = 32  # concurrent clients while the study streams (the scale-out issue's condition)
+
 
 @dataclass
 class MemoryRun:
@@ -26,8 +28,8 @@ class MemoryRun:
 
 
 def memory_protocol(config: Path, study: Study, workdir: Path, logs: Path, tag: str) -> MemoryRun:
-    """Every frame once over 8 connections, then one whole-study retrieve, on a fresh server; its
-    peak RSS (VmHWM) at the end. Same protocol for both study sizes. The frame URLs are listed
+    """Every frame once over ``CLIENTS`` connections, then one whole-study retrieve, on a fresh
+    server; its peak RSS (VmHWM) at the end. Same protocol for both study sizes. The frame URLs are listed
     (QIDO) on a separate, short-lived server so the measured one starts from a clean heap: only
     serving the study counts, not the client's bookkeeping."""
     with gateway_server(config, logs, f"{tag}-list") as lister:
@@ -35,7 +37,7 @@ def memory_protocol(config: Path, study: Study, workdir: Path, logs: Path, tag: 
     with gateway_server(config, logs, tag) as server:
         urls = write_frame_urls(workdir / f"urls-{tag}.txt", server.port, study, instances)
         hwm_start = proc_status_kb(server.pid, "VmHWM")
-        frames = frames_once_parallel(urls, workdir, 8, study.frame_bytes)
+        frames = frames_once_parallel(urls, workdir, CLIENTS, study.frame_bytes)
         retrieve = whole_study_retrieve(server, study)
         return MemoryRun(hwm_start, proc_status_kb(server.pid, "VmHWM"), frames, retrieve)
 

@@ -22,6 +22,7 @@ from gateway.stream.source import Entry, Source
 __all__ = ["harvest", "parse_entry"]
 
 log = logging.getLogger("gateway.harvest")
+_ANALYZE_AFTER = 1000  # instances indexed or removed in one harvest that refresh the statistics
 _BATCH = 64  # entries per parse job: small enough that every worker and the writer overlap
 
 Parsed = tuple[Entry, InstanceRecord | None, PixelInfo | None, str | None]
@@ -128,6 +129,8 @@ def harvest(
             for path in gone:
                 registry.remove_path(conn, source.name, path)
         stats.removed = len(gone)
+    if stats.indexed + stats.removed >= _ANALYZE_AFTER:
+        registry.analyze()  # the query planner's statistics, for what changed in bulk
     stats.finished = finished = time.time()
     registry.record_run(stats)
     if progress:

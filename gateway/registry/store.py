@@ -336,6 +336,10 @@ class Registry:
         )
         return int(row[0])
 
+    def analyze(self) -> None:
+        """Refresh the database's statistics (after a harvest that changed many instances)."""
+        self.db.analyze([t for t in TABLES if t != "registry_meta"])
+
     def record_run(self, stats: SourceStats) -> None:
         with self.transaction() as conn:
             stats.instances = conn.execute(
