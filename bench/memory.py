@@ -71,7 +71,8 @@ def measure_big(
     ratio = big_run.hwm_kb / small_run.hwm_kb
     for st, mem in ((study, small_run), (big, big_run)):
         table.add(
-            f"--big: peak RSS, {st.n} inst ({st.size / 1e6:.0f} MB): all frames once c={CLIENTS} + study retrieve",
+            f"--big: peak RSS, {st.n} inst ({st.size / 1e6:.0f} MB): "
+            f"all frames once c={CLIENTS} + study retrieve",
             f"{mem.hwm_kb / 1024:.1f} MiB (at start {mem.hwm_start_kb / 1024:.1f}; "
             f"{mem.frames.frames_per_s:.0f} f/s, retrieve "
             f"{mem.retrieve['mb_per_s']:.0f} MB/s)",
