@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -161,6 +162,10 @@ def _serve(config: Config, host: str | None, port: int | None, harvest: bool) ->
     _announce(config)
     app = create_app(Gateway(config), harvest=harvest)
     log.info("DICOMweb at http://%s:%d/dicom-web", host if ":" not in host else f"[{host}]", port)
+    # Everything alive now (modules, pydicom's dictionaries, the app) stays alive: out of the
+    # collector's sight, a full collection no longer walks it. Those walks were the 35-40 ms
+    # tail of QIDO answers (p99 40 -> 10 ms at 1,000,000 instances; bench/scale.py).
+    gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     return 0
 
