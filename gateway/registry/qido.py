@@ -361,9 +361,15 @@ def _name_condition(
 ) -> None:
     folded = fold_text(value)
     if fuzzy:
-        # Each query word must begin some component of the name (family, given, ...).
+        # Each query word must begin some component of the name (family, given, ...): for the
+        # patient's name, a prefix search in its word table (an index range).
         for word in re.split(r"[\s^=,*?]+", folded):
-            if word:
+            if not word:
+                continue
+            if col == "p.PatientName":
+                where.append("p.id IN (SELECT w.patient FROM patient_words w WHERE w.word GLOB ?)")
+                params.append(_Glob(f"{_glob_escape(word)}*"))
+            else:
                 where.append(f"{col}_words GLOB ?")
                 params.append(_Glob(f"* {_glob_escape(word)}*"))
         return

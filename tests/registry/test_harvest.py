@@ -144,3 +144,32 @@ def test_cached_locations_follow_a_harvest_that_moved_the_file(folder, registry,
     path.rename(folder / "moved.dcm")
     harvest(registry, FolderSource("a", folder))
     assert [location.path for location in registry.instance_location(*uids)] == ["moved.dcm"]
+
+
+def _fuzzy(registry: Registry, word: str) -> set[str]:
+    from gateway.registry.qido import compile_query, parse_qido
+
+    query = parse_qido([("PatientName", word), ("fuzzymatching", "true")], "study")
+    sql, params, _ = compile_query(query, registry.dialect)
+    return {row["StudyInstanceUID"] for row in registry.query(sql, params)}
+
+
+def test_a_renamed_patient_is_found_by_the_new_name_words_only(tmp_path, registry):
+    from fixtures.generate import make_ct_study
+
+    folder = tmp_path / "renamed"
+    (path,) = make_ct_study(folder, n_instances=1, rows=8, cols=8, seed=11)
+    ds = pydicom.dcmread(path)
+    ds.PatientName, ds.PatientID = "Quenouille^Albertine", "RENAMED-1"
+    ds.save_as(path)
+    harvest(registry, FolderSource("a", folder))
+    assert str(ds.StudyInstanceUID) in _fuzzy(registry, "quen")
+    ds.PatientName = "Vasseur^Albertine"
+    ds.save_as(path)
+    os.utime(path, ns=(1, 1))
+    harvest(registry, FolderSource("a", folder))
+    assert _fuzzy(registry, "quen") == set()
+    assert str(ds.StudyInstanceUID) in _fuzzy(registry, "vass")
+    path.unlink()
+    harvest(registry, FolderSource("a", folder))
+    assert registry.query("SELECT COUNT(*) FROM patient_words WHERE word = 'vasseur'")[0][0] == 0
