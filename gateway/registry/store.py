@@ -69,8 +69,9 @@ _TYPES = {
         "prefix": " text_pattern_ops",  # LIKE 'abc%' uses the index whatever the collation
     },
 }
+# In an order that drops the tables referring to others first (foreign keys are enforced).
 TABLES = (
-    "patient_words", "patients", "studies", "series", "instances", "locations", "rejects", "sources",
+    "patient_words", "studies", "patients", "series", "instances", "locations", "rejects", "sources",
     "registry_meta",
 )  # fmt: skip
 

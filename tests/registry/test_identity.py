@@ -15,7 +15,7 @@ from gateway.config import AuthConfig, Config, ServerConfig, SourceConfig
 from gateway.dicomweb.app import create_app
 from gateway.registry.store import Registry
 from gateway.service import Gateway
-from tests.conftest import Client, fixture_files
+from tests.conftest import FIXTURES, Client, fixture_files
 
 INS = "1234567890123"  # the INS the GW-0003 fixtures carry in OtherPatientIDsSequence
 NIR_OID = "1.2.250.1.213.1.4.8"
@@ -77,8 +77,17 @@ def test_a_local_id_finds_only_that_sites_studies(client):
 
 def test_a_registry_of_another_schema_version_is_emptied_for_harvest_to_refill(tmp_path):
     registry = Registry(tmp_path / "r.db")
+    gateway = Gateway(
+        Config(
+            ServerConfig(),
+            registry.url,
+            (SourceConfig("a", "filesystem", FIXTURES),),
+            auth=AuthConfig(open=True),
+        ),
+        registry,
+    )
+    gateway.harvest("a")  # patients, studies, ...: rows that refer to each other
     with registry.transaction() as conn:
-        conn.execute("INSERT INTO sources (name) VALUES ('old')")
         conn.execute("CREATE TABLE unrelated (x)")
     registry.db._conn().execute("PRAGMA user_version = 1")  # written by another schema version
     registry.close()
