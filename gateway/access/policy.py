@@ -78,9 +78,7 @@ class Policy:
         if principal.role == "professional":
             patients = self.store.granted_patients(principal.grantee_keys, now)
             patients |= self.store.emergency_patients(principal.actor, now)
-            hidden: set[str] = set()
-            for patient in patients:
-                hidden |= self.store.hidden(patient)
+            hidden = self.store.hidden_of(patients)
             return Restriction(patients=frozenset(patients), hidden=frozenset(hidden))
         raise Unauthenticated("credentials are needed (Authorization: Bearer <token>, or a study link)")
 

@@ -153,6 +153,16 @@ class AccessStore:
             return {r[0] for r in self._rows("SELECT StudyInstanceUID FROM hidden")}
         return {r[0] for r in self._rows("SELECT StudyInstanceUID FROM hidden WHERE patient=?", (patient,))}
 
+    def hidden_of(self, patients: Iterable[str]) -> set[str]:
+        """The studies hidden by any of ``patients``, in one query (a grant to an organization can
+        cover many patients)."""
+        patients = list(patients)
+        if not patients:
+            return set()
+        marks = ",".join("?" * len(patients))
+        rows = self._rows(f"SELECT StudyInstanceUID FROM hidden WHERE patient IN ({marks})", patients)
+        return {r[0] for r in rows}
+
     def is_hidden(self, study: str) -> bool:
         return bool(self._rows("SELECT 1 FROM hidden WHERE StudyInstanceUID=?", (study,)))
 

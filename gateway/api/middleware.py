@@ -14,7 +14,6 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import replace
 from http.cookies import SimpleCookie
 from typing import Any
 
@@ -49,7 +48,7 @@ def audit_of(scope: Scope) -> dict[str, Any]:
     return scope.setdefault("state", {}).setdefault("audit", {})
 
 
-def _action(method: str, path: str) -> str | None:
+def _action(path: str) -> str | None:
     if path.startswith("/dicom-web"):
         if _QIDO.match(path):
             return "query"
@@ -137,7 +136,7 @@ class AccessMiddleware:
         if path.startswith(_UNAUDITED) or scope["method"] == "OPTIONS":
             return
         noted = audit_of(scope)
-        action = noted.get("action") or _action(scope["method"], path)
+        action = noted.get("action") or _action(path)
         if action is None:
             return  # not an access to imaging (a 404 outside the known resources)
         status = sent["status"] or 499  # the client hung up before any response started
@@ -162,8 +161,6 @@ class AccessMiddleware:
             client=client[0] if client else None,
             path=path if not path.startswith("/link/") else "/link/…",  # never the link's secret
         )
-        if status >= 400 and not record.reason:
-            record = replace(record, reason=noted.get("refusal"))
         self.access.audit.append(record)
 
 

@@ -33,7 +33,7 @@ from gateway.access.export import audit_bundle, dicom_audit_message
 from gateway.access.identity import Principal
 from gateway.access.service import SESSION_COOKIE, Access
 from gateway.api.middleware import audit_of
-from gateway.errors import Forbidden, NotFound, RequestError
+from gateway.errors import Forbidden, NotFound, RequestError, Unauthenticated
 
 __all__ = ["api_routes"]
 
@@ -48,8 +48,6 @@ def _json(value: Any, status: int = 200) -> Response:
 def _principal(request: Request) -> Principal:
     principal: Principal = request.scope["state"]["principal"]
     if principal.role == "anonymous":
-        from gateway.errors import Unauthenticated
-
         raise Unauthenticated("credentials are needed (Authorization: Bearer <token>)")
     if principal.role == "link":
         raise Forbidden("a study link is read-only: it cannot manage links, grants or hidden studies")

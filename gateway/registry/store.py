@@ -200,7 +200,6 @@ class Registry:
         self.url = text
         self.db: Database = open_database(text, _COLUMNS)
         self.dialect = self.db.dialect
-        self.path = Path(text.removeprefix("sqlite:///")) if self.dialect == "sqlite" else None
         self._local = threading.local()
         try:
             version = self.db.schema_version()
