@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 
 from gateway.errors import DicomFileError, GatewayError
 from gateway.registry.record import InstanceRecord, build_record, record_from_json
-from gateway.registry.store import Registry, SourceStats
+from gateway.registry.store import Harvested, Registry, SourceStats
 from gateway.stream.dicomfile import PixelInfo
 from gateway.stream.source import Entry, Source
 
@@ -75,6 +75,7 @@ def harvest(
     futures = []
 
     def store(parsed: list[Parsed]) -> None:
+        indexed: list[Harvested] = []
         with registry.transaction() as conn:
             for entry, record, pixel, reason in parsed:
                 if record is None:
@@ -84,10 +85,9 @@ def harvest(
                         conn, source.name, entry.path, entry.size, entry.mtime_ns, reason or "unreadable"
                     )
                 else:
-                    stats.indexed += 1
-                    registry.put_instance(
-                        conn, source.name, entry.path, entry.size, entry.mtime_ns, record, pixel
-                    )
+                    indexed.append(Harvested(entry.path, entry.size, entry.mtime_ns, record, pixel))
+            registry.put_instances(conn, source.name, indexed)
+        stats.indexed += len(indexed)
         if progress:
             progress(stats)
 
