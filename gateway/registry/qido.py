@@ -15,7 +15,6 @@ from typing import Any
 
 from gateway.errors import QueryError
 from gateway.registry.attributes import (
-    COMPUTED,
     DEFAULTS,
     MATCHING,
     PATIENT,
@@ -187,8 +186,9 @@ _ORDER = {
     "series": "se.SeriesNumber, se.SeriesInstanceUID",
     "instance": "i.InstanceNumber, i.SOPInstanceUID",
 }
-_PAGE_ORDER = {level: re.sub(r"\b(st|se|i)\.", "page.", order) for level, order in _ORDER.items()}
-_SERIES_COLUMNS = tuple(c for c in SERIES_COLUMNS if c != "StudyInstanceUID")
+_SERIES_COLUMNS = tuple(c for c in SERIES_COLUMNS if c != "StudyInstanceUID") + (
+    "NumberOfSeriesRelatedInstances",
+)
 _INSTANCE_FIELDS = (
     "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames",
 )  # fmt: skip
@@ -211,37 +211,14 @@ def compile_query(query: Query, dialect: str = "sqlite") -> tuple[str, list[Any]
         _condition(match, query.fuzzy, where, params)
     if query.restriction is not None:
         _restrict(query.restriction, where, params)
-    # The page is chosen first; the computed attributes (correlated counts) are then worked out
-    # for its rows only, not for every match (at 1,000,000 instances a date window matched 849
-    # studies: 14 ms of SQL with the counts for all, 4 ms without; bench/scale.py).
+    # The computed attributes (counts, ModalitiesInStudy) are columns kept by the registry's
+    # writes: worked out per answer, they were most of a 1,000-result page's SQL.
     selects = ["p.*", "st.*"]
     if query.level != "study":
-        # Named one by one: se.* would repeat StudyInstanceUID, which PostgreSQL refuses to
-        # resolve from the page.
+        # Named one by one: se.* would repeat StudyInstanceUID.
         selects += [f"se.{name}" for name in _SERIES_COLUMNS]
     if query.level == "instance":
         selects += [f"i.{name}" for name in _INSTANCE_FIELDS]
-    computed = []
-    returned = set(query.returned) | (set(COMPUTED[query.level]) if query.include_all else set())
-    if returned & set(COMPUTED["study"]):
-        computed.append(
-            f"(SELECT {_AGGREGATE[dialect]} FROM series x "
-            "WHERE x.StudyInstanceUID = page.StudyInstanceUID) AS ModalitiesInStudy"
-        )
-        computed.append(
-            "(SELECT COUNT(*) FROM series x WHERE x.StudyInstanceUID = page.StudyInstanceUID) "
-            "AS NumberOfStudyRelatedSeries"
-        )
-        computed.append(
-            "(SELECT COUNT(*) FROM series x JOIN instances y ON y.SeriesInstanceUID = "
-            "x.SeriesInstanceUID WHERE x.StudyInstanceUID = page.StudyInstanceUID) "
-            "AS NumberOfStudyRelatedInstances"
-        )
-    if query.level != "study" and "NumberOfSeriesRelatedInstances" in returned:
-        computed.append(
-            "(SELECT COUNT(*) FROM instances y WHERE y.SeriesInstanceUID = "
-            "page.SeriesInstanceUID) AS NumberOfSeriesRelatedInstances"
-        )
     limit = min(query.limit if query.limit is not None else MAX_RESULTS, MAX_RESULTS)
     order = _ORDER[query.level]
     if dialect == "sqlite" and query.level == "study" and not query.fuzzy and _by_name(query):
@@ -255,8 +232,6 @@ def compile_query(query: Query, dialect: str = "sqlite") -> tuple[str, list[Any]
         + (f" WHERE {' AND '.join(where)}" if where else "")
         + f" ORDER BY {order} LIMIT ? OFFSET ?"
     )
-    if computed:
-        sql = f"SELECT page.*, {', '.join(computed)} FROM ({sql}) page ORDER BY {_PAGE_ORDER[query.level]}"
     params += [limit + 1, query.offset]  # one more row tells whether the page was cut
     if dialect == "postgresql":
         # Wildcards are built as GLOB patterns (case-sensitive, '*' '?'), PostgreSQL's LIKE is
@@ -379,12 +354,6 @@ def _name_condition(
     else:
         where.append(f"{col}_fold = ?")
         params.append(folded)
-
-
-_AGGREGATE = {
-    "sqlite": "GROUP_CONCAT(DISTINCT x.Modality)",
-    "postgresql": "string_agg(DISTINCT x.Modality, ',')",
-}
 
 
 class _Glob(str):

@@ -173,3 +173,42 @@ def test_a_renamed_patient_is_found_by_the_new_name_words_only(tmp_path, registr
     path.unlink()
     harvest(registry, FolderSource("a", folder))
     assert registry.query("SELECT COUNT(*) FROM patient_words WHERE word = 'vasseur'")[0][0] == 0
+
+
+def _study_counts(registry: Registry, study: str) -> tuple[list[str], int, int, dict[str, int]]:
+    """ModalitiesInStudy, NumberOfStudyRelatedSeries / Instances, and each series' instances."""
+    from gateway.registry.qido import compile_query, parse_qido
+
+    sql, params, _ = compile_query(parse_qido([("StudyInstanceUID", study)], "study"), registry.dialect)
+    (row,) = registry.query(sql, params)
+    sql, params, _ = compile_query(parse_qido([], "series", {"StudyInstanceUID": study}), registry.dialect)
+    series = {
+        r["SeriesInstanceUID"]: r["NumberOfSeriesRelatedInstances"] for r in registry.query(sql, params)
+    }
+    modalities = sorted(set((row["ModalitiesInStudy"] or "").split(",")) - {""})
+    return modalities, row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"], series
+
+
+def test_study_and_series_counts_follow_added_and_removed_files(tmp_path, registry):
+    from fixtures.generate import make_ct_study
+
+    folder = tmp_path / "counted"
+    ct = make_ct_study(folder / "ct", n_instances=3, rows=8, cols=8, seed=1, study_uid="1.2.3.77")
+    (mr,) = make_ct_study(folder / "mr", n_instances=1, rows=8, cols=8, seed=2, study_uid="1.2.3.77")
+    ds = pydicom.dcmread(mr)
+    ds.Modality, ds.PatientID = "MR", pydicom.dcmread(ct[0]).PatientID
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = "1.2.3.77.2", "1.2.3.77.2.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(mr)
+    ct_series, mr_series = (str(pydicom.dcmread(p).SeriesInstanceUID) for p in (ct[0], mr))
+    harvest(registry, FolderSource("a", folder))
+    assert _study_counts(registry, "1.2.3.77") == (["CT", "MR"], 2, 4, {ct_series: 3, mr_series: 1})
+    ct[0].unlink()
+    harvest(registry, FolderSource("a", folder))
+    assert _study_counts(registry, "1.2.3.77") == (["CT", "MR"], 2, 3, {ct_series: 2, mr_series: 1})
+    mr.unlink()
+    harvest(registry, FolderSource("a", folder))
+    assert _study_counts(registry, "1.2.3.77") == (["CT"], 1, 2, {ct_series: 2})
+    ds.save_as(mr)  # back, in a later harvest
+    harvest(registry, FolderSource("a", folder))
+    assert _study_counts(registry, "1.2.3.77") == (["CT", "MR"], 2, 3, {ct_series: 2, mr_series: 1})
