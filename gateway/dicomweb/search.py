@@ -77,8 +77,10 @@ def _run(registry: Registry, query: Query, base_url: str) -> tuple[list[dict[str
     return [render(row) for row in rows], cut
 
 
-# How a result's element is made (see ``_renderer``).
-_CONSTANT, _URL, _STORED, _TEXT, _PERSON, _NUMBER, _MODALITIES = range(7)
+# How a result's element is made (see ``_renderer``): a text column (split on the value
+# delimiter), a person name, a number, ModalitiesInStudy, a constant, the RetrieveURL, or an
+# attribute read from the stored DICOM JSON. Text columns hold str (their declared type).
+_TEXT, _PERSON, _NUMBER, _MODALITIES, _CONSTANT, _URL, _STORED = range(7)
 _DEPTH = {"study": 1, "series": 2, "instance": 3}  # UIDs in a level's RetrieveURL
 
 
@@ -119,36 +121,40 @@ def _renderer(
     segments = ("/studies/", "/series/", "/instances/")
 
     def render(row: Row) -> dict[str, Any]:
+        values = tuple(row)  # positions by C indexing, not a row class's own __getitem__
         out: dict[str, Any] = {}
         stored: dict[str, Any] | None = None
         for tag, where, vr, kind in plan:
-            if kind == _CONSTANT:
-                out[tag] = where
-                continue
-            if kind == _URL:
-                url = base_url + "".join(segment + row[i] for segment, i in zip(segments, where))
-                out[tag] = {"vr": vr, "Value": [url]}
-                continue
-            if kind == _STORED:
-                if stored is None:
-                    stored = _stored_metadata(registry, level, row)
-                out[tag] = stored.get(tag, {"vr": vr})
-                continue
-            value = row[where]
-            if value is None or value == "":
-                out[tag] = {"vr": vr}
-            elif kind == _TEXT:
-                text = value if type(value) is str else str(value)
-                out[tag] = {"vr": vr, "Value": text.split("\\") if "\\" in text else [text]}
+            if kind == _TEXT:  # most attributes: tested first
+                value = values[where]
+                out[tag] = {"vr": vr, "Value": value.split("\\")} if value else {"vr": vr}
             elif kind == _PERSON:
-                out[tag] = {"vr": vr, "Value": [person_name_json(v) for v in str(value).split("\\")]}
+                value = values[where]
+                out[tag] = (
+                    {"vr": vr, "Value": [person_name_json(v) for v in value.split("\\")]}
+                    if value
+                    else {"vr": vr}
+                )
+            elif kind == _CONSTANT:
+                out[tag] = where
+            elif kind == _URL:
+                url = base_url + "".join(segment + values[i] for segment, i in zip(segments, where))
+                out[tag] = {"vr": vr, "Value": [url]}
             elif kind == _NUMBER:
-                if isinstance(value, int | float):
+                value = values[where]
+                if value is None or value == "":
+                    out[tag] = {"vr": vr}
+                elif isinstance(value, int | float):
                     out[tag] = {"vr": vr, "Value": [value]}
                 else:
                     out[tag] = {"vr": vr, "Value": [_NUMBERS[vr](v) for v in str(value).split("\\")]}
-            else:  # _MODALITIES: the distinct modalities of the study's series, as aggregated
-                out[tag] = {"vr": vr, "Value": sorted(set(str(value).split(",")))}
+            elif kind == _MODALITIES:  # the distinct modalities of the study's series, as aggregated
+                value = values[where]
+                out[tag] = {"vr": vr, "Value": sorted(set(value.split(",")))} if value else {"vr": vr}
+            else:  # _STORED: read from one instance's DICOM JSON, once per result
+                if stored is None:
+                    stored = _stored_metadata(registry, level, row)
+                out[tag] = stored.get(tag, {"vr": vr})
         return out
 
     return render

@@ -407,8 +407,12 @@ def _text_safe(params: Sequence[Any]) -> tuple[Any, ...]:
 
 def _configure(conn: Any) -> None:
     # No JIT: the registry's queries are short, and JIT compilation, triggered by the planner's
-    # cost estimates of the correlated counts, added ~400 ms to QIDO answers of a few ms.
+    # cost estimates, added ~400 ms to QIDO answers of a few ms.
     conn.execute("SET jit = off")
+    # The registry's indexes are read from memory or SSD, not spinning disks (PostgreSQL's
+    # default of 4 assumes those): with it, the planner walked every study in date order for a
+    # patient-name prefix rather than look the patients up (34 -> 4.6 ms at 1,000,000 instances).
+    conn.execute("SET random_page_cost = 1.1")
 
 
 def _redact(url: str) -> str:

@@ -117,7 +117,7 @@ def schema(dialect: str) -> list[str]:
         "CREATE INDEX IF NOT EXISTS studies_accession ON studies (AccessionNumber)",
         "CREATE INDEX IF NOT EXISTS patients_id ON patients (PatientID)",
         "CREATE INDEX IF NOT EXISTS patients_ins ON patients (INS)",
-        "CREATE INDEX IF NOT EXISTS patients_name ON patients (PatientName_fold)",
+        f"CREATE INDEX IF NOT EXISTS patients_name ON patients (PatientName_fold{t['prefix']})",
         "CREATE INDEX IF NOT EXISTS series_study ON series (StudyInstanceUID)",
         # ModalitiesInStudy=MR: without it SQLite walked every MR series for every study (30 s
         # at 1,000,000 instances; bench/scale.py). Modality=MR at series level: read in order.
