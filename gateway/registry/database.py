@@ -358,10 +358,14 @@ class PostgresDatabase:
 
     def analyze(self, tables: Iterable[str]) -> None:
         """Refresh the planner's statistics after a bulk change (autovacuum gets there later;
-        until then a freshly harvested registry was planned as if empty: seconds per QIDO)."""
+        until then a freshly harvested registry was planned as if empty: seconds per QIDO), and
+        the visibility map, without which an index-only scan still reads the table (a page of
+        1,000 studies by ModalitiesInStudy: 66 -> 41 ms at 1,000,000 instances). VACUUM takes
+        no lock that stops readers or writers; 3 s at that size. Outside a transaction: the
+        pool's connections are in autocommit mode."""
         with self._pool.connection() as conn:
             for table in tables:
-                conn.execute(f"ANALYZE {table}")
+                conn.execute(f"VACUUM (ANALYZE) {table}")
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:

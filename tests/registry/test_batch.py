@@ -115,3 +115,20 @@ def test_a_batch_replacing_held_paths_forgets_what_they_held(registries):
     assert "1.2" not in {row[0] for row in dump["studies"]}
     assert "1.2.1.1" not in {row[0] for row in dump["instances"]}
     assert ("roux", "P9") in dump["patient_words"]
+
+
+def test_statistics_are_refreshed_after_a_bulk_write(registries):
+    _, registry = registries
+    _write(registry, _batch(), batched=True)
+    registry.analyze()
+    if registry.dialect == "sqlite":
+        analyzed = {row[0] for row in registry.query("SELECT tbl FROM sqlite_stat1")}
+    else:  # VACUUM (ANALYZE): the visibility map too, for index-only scans
+        analyzed = {
+            row[0]
+            for row in registry.query(
+                "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema() "
+                "AND last_vacuum IS NOT NULL AND last_analyze IS NOT NULL"
+            )
+        }
+    assert {"instances", "series", "studies", "patients"} <= analyzed
