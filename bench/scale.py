@@ -310,7 +310,9 @@ def table_rows(runs: dict[int, SizeRun], requests: int) -> tuple[list[tuple[str,
 
     def size_text(r: SizeRun) -> str:
         assert r.prepared is not None
-        return f"{r.prepared.bytes / 1e6:,.0f} MB ({r.prepared.bytes / shape(r).instances:,.0f} B/inst)"
+        backend = "PostgreSQL tables" if r.prepared.url else "SQLite file"
+        size = r.prepared.bytes
+        return f"{backend}: {size / 1e6:,.0f} MB ({size / shape(r).instances:,.0f} B/inst)"
 
     rows = [
         ("measurement", *(f"{size:,} instances" for size in runs), "target", "result"),
@@ -318,9 +320,9 @@ def table_rows(runs: dict[int, SizeRun], requests: int) -> tuple[list[tuple[str,
             "registry: patients / studies / series",
             lambda r: f"{shape(r).patients:,} / {shape(r).studies:,} / {shape(r).series:,}",
         ),
-        row("registry file (SQLite)", size_text),
+        row("registry size", size_text),
         row(
-            "generation via Registry.put_instance",
+            "generation via Registry.put_instances",
             lambda r: (
                 f"{shape(r).seconds:.0f} s ({shape(r).instances / shape(r).seconds:,.0f} inst/s"
                 + (", reused)" if r.prepared and r.prepared.reused else ")")

@@ -125,6 +125,10 @@ def schema(dialect: str) -> list[str]:
         "CREATE INDEX IF NOT EXISTS series_modality_order "
         "ON series (Modality, SeriesNumber, SeriesInstanceUID)",
         "CREATE INDEX IF NOT EXISTS instances_series ON instances (SeriesInstanceUID)",
+        # The answer order of series and instance queries: without them, a query that names no
+        # study (GET /instances, a sync client's) sorted every instance: 1.4-12 s at 1,000,000.
+        "CREATE INDEX IF NOT EXISTS series_order ON series (SeriesNumber, SeriesInstanceUID)",
+        "CREATE INDEX IF NOT EXISTS instances_order ON instances (InstanceNumber, SOPInstanceUID)",
         "CREATE INDEX IF NOT EXISTS locations_instance ON locations (SOPInstanceUID)",
     ]
 
