@@ -91,6 +91,7 @@ class RegistryWriter(Protocol):
     def transaction(self) -> AbstractContextManager[Any]: ...
 
     def put_instances(self, conn: Any, source: str, items: Sequence[Harvested]) -> None: ...
+    def wrote(self, count: int) -> None: ...
 
 
 @dataclass
@@ -188,6 +189,7 @@ def generate(registry: RegistryWriter, size: int, seed: int, batch: int = 5000) 
                 Harvested(path, length, MTIME_NS, record, pixel) for path, record, pixel, length in pending
             ]
             registry.put_instances(conn, SOURCE, items)
+        registry.wrote(len(items))  # as harvest does: statistics refreshed as the registry grows
         pending.clear()
 
     for number in itertools.count():

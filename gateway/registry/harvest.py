@@ -88,6 +88,7 @@ def harvest(
                     indexed.append(Harvested(entry.path, entry.size, entry.mtime_ns, record, pixel))
             registry.put_instances(conn, source.name, indexed)
         stats.indexed += len(indexed)
+        registry.wrote(len(indexed))
         if progress:
             progress(stats)
 

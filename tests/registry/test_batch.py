@@ -132,3 +132,16 @@ def test_statistics_are_refreshed_after_a_bulk_write(registries):
             )
         }
     assert {"instances", "series", "studies", "patients"} <= analyzed
+
+
+def test_statistics_are_refreshed_as_a_harvest_grows_the_registry(registries, monkeypatch):
+    _, registry = registries
+    refreshed: list[tuple[int, bool]] = []
+    monkeypatch.setattr(
+        registry, "analyze", lambda vacuum=True: refreshed.append((registry._written, vacuum))
+    )
+    for _ in range(5):
+        registry.wrote(2000)  # 2,000 ... 10,000: due at 5,000 (the first), then at twice that
+    assert refreshed == [(6000, False)]
+    registry.wrote(2000)
+    assert refreshed == [(6000, False), (12000, False)]
