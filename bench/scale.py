@@ -48,7 +48,8 @@ from bench.report import machine_info, verdict
 from bench.servers import gateway_server, log_problems
 from bench.study import warm_page_cache
 from bench.synthetic import INS_OID, Prepared, Shape, open_registry, prepare_registry
-from gateway.registry.qido import compile_query, parse_qido
+from gateway.dicomweb.search import plan_query
+from gateway.registry.qido import parse_qido
 from gateway.registry.record import fold_text
 from gateway.registry.store import Registry
 
@@ -77,10 +78,10 @@ class Request:
             path = f"studies/{self.study}/{'series' if self.level == 'series' else 'instances'}"
         return f"/dicom-web/{path}"
 
-    def sql(self, dialect: str = "sqlite") -> tuple[str, list[Any]]:
-        """The SQL the gateway runs for this request (its QIDO compiler, no access restriction)."""
+    def sql(self, registry: Registry) -> tuple[str, list[Any]]:
+        """The SQL the gateway runs for this request (its QIDO planner, no access restriction)."""
         scope = {"StudyInstanceUID": self.study} if self.study else {}
-        sql, params, _ = compile_query(parse_qido(list(self.params.items()), self.level, scope), dialect)
+        sql, params, _ = plan_query(registry, parse_qido(list(self.params.items()), self.level, scope))
         return sql, params
 
 
@@ -191,7 +192,7 @@ def measure_size(
         for kind, result in out.items():
             timed = planned[kind][WARMUP : WARMUP + len(result.latencies_ms)]
             result.sql_ms = time_sql(registry, timed[:SQL_SAMPLES], budget / 4)
-            result.sql, params = timed[0].sql(registry.dialect)
+            result.sql, params = timed[0].sql(registry)
             result.plan = query_plan(registry, result.sql, params)
     finally:
         registry.close()
@@ -232,7 +233,7 @@ def time_sql(registry: Registry, requests: list[Request], budget: float) -> list
     JSON. The first run is not timed (as over HTTP, it warms up)."""
     times: list[float] = []
     for i, request in enumerate(requests[:1] + requests):
-        sql, params = request.sql(registry.dialect)
+        sql, params = request.sql(registry)
         start = time.perf_counter()
         registry.query(sql, params)
         if i:

@@ -19,11 +19,20 @@ from starlette.responses import Response
 from gateway.errors import NotFound
 from gateway.registry.attributes import COMPUTED, LEVEL_COLUMNS, vr_of
 from gateway.registry.database import Row
-from gateway.registry.qido import MAX_RESULTS, Query, Restriction, compile_query, parse_qido
+from gateway.registry.qido import (
+    MAX_RESULTS,
+    Query,
+    Restriction,
+    compile_query,
+    count_named,
+    name_match,
+    names_first_below,
+    parse_qido,
+)
 from gateway.registry.record import person_name_json
 from gateway.registry.store import Registry
 
-__all__ = ["search", "DICOM_JSON"]
+__all__ = ["search", "plan_query", "DICOM_JSON"]
 
 DICOM_JSON = "application/dicom+json"
 _NUMBERS = {"IS": int, "US": int, "UL": int, "SS": int, "SL": int, "DS": float, "FL": float, "FD": float}
@@ -64,7 +73,7 @@ async def search(
 def _run(registry: Registry, query: Query, base_url: str) -> tuple[list[dict[str, Any]], bool]:
     if query.scope:
         _check_scope(registry, query.scope)
-    sql, params, limit = compile_query(query, registry.dialect)
+    sql, params, limit = plan_query(registry, query)
     rows = registry.query(sql, params)
     cut = len(rows) > limit and (query.limit is None or query.limit > MAX_RESULTS)
     rows = rows[:limit]
@@ -75,6 +84,22 @@ def _run(registry: Registry, query: Query, base_url: str) -> tuple[list[dict[str
         returned += [k for k in _level_attributes(query.level) if k not in returned]
     render = _renderer(registry, query.level, rows[0].keys(), returned, base_url)
     return [render(row) for row in rows], cut
+
+
+def plan_query(registry: Registry, query: Query) -> tuple[str, list[Any], int]:
+    """The query's SQL (``compile_query``), with the one choice that needs the registry's own
+    figures: whether a study query by patient name finds the patients first (few match) or
+    walks the studies in date order (many do); see ``names_first_below``."""
+    match = name_match(query)
+    names_first = True
+    if match is not None:
+        rows = registry.db.estimated_rows(("patients", "studies"))
+        page = min(query.limit if query.limit is not None else MAX_RESULTS, MAX_RESULTS) + 1 + query.offset
+        below = names_first_below(rows["patients"], rows["studies"], page)
+        if below < rows["patients"]:
+            sql, params = count_named(match, below, registry.dialect)  # reads at most ``below``
+            names_first = registry.query(sql, params)[0][0] < below
+    return compile_query(query, registry.dialect, names_first)
 
 
 # How a result's element is made (see ``_renderer``): a text column (split on the value

@@ -49,6 +49,7 @@ class Database(Protocol):
     def migrate(self, migrations: list[list[str]]) -> int: ...
     def exclusive(self, name: str) -> Any: ...  # context manager yielding True if this holder has it
     def analyze(self, tables: Iterable[str], vacuum: bool = True) -> None: ...
+    def estimated_rows(self, tables: Sequence[str]) -> dict[str, float]: ...
     def drop(self, tables: Iterable[str]) -> list[str]: ...
     def close(self) -> None: ...
 
@@ -132,6 +133,18 @@ class SQLiteDatabase:
         conn.execute("PRAGMA analysis_limit = 1000")
         for table in tables:
             conn.execute(f"ANALYZE {table}")
+
+    def estimated_rows(self, tables: Sequence[str]) -> dict[str, float]:
+        """Rows per table as the last ``analyze`` counted them (0: not analyzed yet)."""
+        out = dict.fromkeys(tables, 0.0)
+        try:
+            rows = self._conn().execute("SELECT tbl, stat FROM sqlite_stat1").fetchall()
+        except sqlite3.Error:  # no sqlite_stat1 before the first ANALYZE
+            return out
+        for table, stat in rows:
+            if table in out and stat:
+                out[table] = max(out[table], float(str(stat).split()[0]))  # its first number
+        return out
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:
@@ -368,6 +381,18 @@ class PostgresDatabase:
         with self._pool.connection() as conn:
             for table in tables:
                 conn.execute(f"{statement} {table}")
+
+    def estimated_rows(self, tables: Sequence[str]) -> dict[str, float]:
+        """Rows per table as the last ANALYZE estimated them (0: not analyzed yet)."""
+        out = dict.fromkeys(tables, 0.0)
+        names = {table.lower(): table for table in tables}  # PostgreSQL's folded spelling
+        for name, count in self.query(
+            "SELECT c.relname, c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relname = ANY(?)",
+            (list(names),),
+        ):
+            out[names[name]] = max(0.0, float(count))  # -1: never analyzed
+        return out
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:
