@@ -97,7 +97,7 @@ def plan_query(registry: Registry, query: Query) -> tuple[str, list[Any], int]:
         page = min(query.limit if query.limit is not None else MAX_RESULTS, MAX_RESULTS) + 1 + query.offset
         below = names_first_below(rows["patients"], rows["studies"], page)
         if below < rows["patients"]:
-            sql, params = count_named(query, match, below, registry.dialect)  # reads at most ``below``
+            sql, params = count_named(match, below, registry.dialect)  # reads at most ``below``
             names_first = registry.query(sql, params)[0][0] < below
     return compile_query(query, registry.dialect, names_first)
 

@@ -258,27 +258,26 @@ def _in_dialect(sql: str, params: list[Any], dialect: str) -> tuple[str, list[An
 
 
 def name_match(query: Query) -> Match | None:
-    """The study query's match on the patient's name that an index can answer (a value, a
-    wildcard that does not start with one, or with fuzzy matching any word: the word table),
-    if any."""
-    if query.level != "study":
+    """The study query's match on the patient's name that its index can answer (a value, or a
+    wildcard that does not start with one), if any."""
+    if query.level != "study" or query.fuzzy:
         return None
     for match in query.matches:
-        if match.keyword != "PatientName" or match.kind not in ("single", "wildcard"):
-            continue
-        if query.fuzzy and re.search(r"[^\s^=,*?]", match.values[0]):
-            return match
-        if not query.fuzzy and not match.values[0].startswith(("*", "?")):
+        if (
+            match.keyword == "PatientName"
+            and match.kind in ("single", "wildcard")
+            and not match.values[0].startswith(("*", "?"))
+        ):
             return match
     return None
 
 
-def count_named(query: Query, match: Match, cap: int, dialect: str = "sqlite") -> tuple[str, list[Any]]:
-    """SQL counting the patients ``match`` names, up to ``cap`` (index ranges, bounded)."""
+def count_named(match: Match, cap: int, dialect: str = "sqlite") -> tuple[str, list[Any]]:
+    """SQL counting the patients ``match`` names, up to ``cap`` (an index range, bounded)."""
     where: list[str] = []
     params: list[Any] = []
-    _name_condition("p.PatientName", match.kind, match.values[0], query.fuzzy, where, params)
-    sql = f"SELECT COUNT(*) FROM (SELECT 1 FROM patients p WHERE {' AND '.join(where)} LIMIT ?) named"
+    _name_condition("p.PatientName", match.kind, match.values[0], False, where, params)
+    sql = f"SELECT COUNT(*) FROM (SELECT 1 FROM patients p WHERE {where[0]} LIMIT ?) named"
     return _in_dialect(sql, [*params, cap], dialect)
 
 

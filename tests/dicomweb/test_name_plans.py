@@ -52,37 +52,19 @@ def _names_first(registry: Registry, sql: str) -> bool:
     return ("+st.StudyDate" if registry.dialect == "sqlite" else "(st.StudyDate || '')") in sql
 
 
-FUZZY = [("fuzzymatching", "true")]
-
-
-@pytest.mark.parametrize(
-    "params", [[("PatientName", "ZOL*")], [*FUZZY, ("PatientName", "zol")]], ids=["wildcard", "fuzzy"]
-)
-def test_a_name_few_patients_have_finds_the_patients_first(registry, params):
-    sql, _, _ = plan_query(registry, parse_qido([*params, ("limit", "10")], "study"))
+def test_a_name_few_patients_have_finds_the_patients_first(registry):
+    sql, _, _ = plan_query(registry, parse_qido([("PatientName", "ZOL*"), ("limit", "10")], "study"))
     assert _names_first(registry, sql)
 
 
-@pytest.mark.parametrize(
-    "params", [[("PatientName", "MART*")], [*FUZZY, ("PatientName", "mart")]], ids=["wildcard", "fuzzy"]
-)
-def test_a_name_many_patients_have_walks_the_studies_in_date_order(registry, params):
-    sql, _, _ = plan_query(registry, parse_qido([*params, ("limit", "10")], "study"))
+def test_a_name_many_patients_have_walks_the_studies_in_date_order(registry):
+    sql, _, _ = plan_query(registry, parse_qido([("PatientName", "MART*"), ("limit", "10")], "study"))
     assert not _names_first(registry, sql)
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        [("PatientName", "MART*")],
-        [("PatientName", "ZOL*")],
-        [("PatientName", "NAME1*")],
-        [*FUZZY, ("PatientName", "ann")],
-    ],
-    ids=["common", "rare", "some", "fuzzy"],
-)
-def test_both_plans_answer_the_same_page_newest_first(registry, params):
-    query = parse_qido([*params, ("limit", "10"), ("offset", "3")], "study")
+@pytest.mark.parametrize("name", ["MART*", "ZOL*", "NAME1*"])
+def test_both_plans_answer_the_same_page_newest_first(registry, name):
+    query = parse_qido([("PatientName", name), ("limit", "10"), ("offset", "3")], "study")
     pages = []
     for names_first in (True, False):
         sql, params, _ = compile_query(query, registry.dialect, names_first)
