@@ -93,7 +93,7 @@ def plan_query(registry: Registry, query: Query) -> tuple[str, list[Any], int]:
     match = name_match(query)
     names_first = True
     if match is not None:
-        rows = registry.db.estimated_rows(("patients", "studies"))
+        rows = registry.estimated_rows(("patients", "studies"))
         page = min(query.limit if query.limit is not None else MAX_RESULTS, MAX_RESULTS) + 1 + query.offset
         below = names_first_below(rows["patients"], rows["studies"], page)
         if below < rows["patients"]:

@@ -42,6 +42,7 @@ _DERIVED = {
 SCHEMA_VERSION = 5  # bump when a table changes: older registries are rebuilt by harvest
 _CACHE_CHECK = 0.5  # seconds a cached location may outlive a harvest that changed it
 _LOCATION_CACHE = 1024  # instances (~600 bytes each): memory must not grow with the archive
+_ESTIMATES_FOR = 60.0  # seconds the statistics' row figures are reused (``estimated_rows``)
 _REFRESH_FIRST = 5000  # instances written before the first refresh of the statistics (``wrote``)
 _INTEGER = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
 
@@ -220,6 +221,7 @@ class Registry:
         self._local = threading.local()
         self._written = 0  # instances written by this process (see ``wrote``)
         self._refresh_at = _REFRESH_FIRST
+        self._estimates: tuple[float, dict[str, float]] | None = None
         try:
             version = self.db.schema_version()
             if version != SCHEMA_VERSION:
@@ -440,6 +442,15 @@ class Registry:
     def analyze(self, vacuum: bool = True) -> None:
         """Refresh the database's statistics (after a harvest that changed many instances)."""
         self.db.analyze([t for t in TABLES if t != "registry_meta"], vacuum)
+
+    def estimated_rows(self, tables: Sequence[str]) -> dict[str, float]:
+        """Rows per table by the database's statistics (which only ``analyze`` moves),
+        remembered for a minute: read per name query, they were a round trip each time."""
+        now = time.monotonic()
+        cached = self._estimates
+        if cached is None or now - cached[0] > _ESTIMATES_FOR or not set(tables) <= cached[1].keys():
+            cached = self._estimates = (now, self.db.estimated_rows(tuple(tables)))
+        return cached[1]
 
     def wrote(self, count: int) -> None:
         """Count instances just written (after their transaction); refresh the statistics each
