@@ -24,7 +24,7 @@ from gateway.registry.attributes import (
     vr_of,
 )
 from gateway.registry.record import INS_ISSUERS, fold_text, normalize_time
-from gateway.registry.store import SERIES_COLUMNS
+from gateway.registry.schema import SERIES_COLUMNS
 
 __all__ = [
     "Restriction", "Match", "Query", "parse_qido", "compile_query", "MAX_RESULTS",

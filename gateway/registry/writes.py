@@ -1,0 +1,232 @@
+"""Harvest's writes: instances with their locations, rejected files, removals, in batches inside
+the harvest's transaction, each batch set-wise (a statement per table, one per patient).
+
+Plain SQL with bound parameters, written once for SQLite and PostgreSQL; ``conn`` is a
+transaction's connection (``Registry.transaction()``), ``dialect`` its database's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import orjson
+
+from gateway.registry.record import InstanceRecord
+from gateway.registry.schema import AGGREGATE, PATIENT_COLUMNS
+from gateway.stream.dicomfile import PixelInfo
+
+__all__ = ["Harvested", "put_instances", "put_records", "put_reject", "remove_path", "upsert"]
+
+
+class Harvested(NamedTuple):
+    """One instance to write: where it is, its change tokens, what was read of it."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    record: InstanceRecord
+    pixel: PixelInfo | None = None
+
+
+def put_instances(conn: Any, dialect: str, source: str, items: Sequence[Harvested]) -> None:
+    """Insert or replace instances and their locations (inside a harvest transaction), as
+    writing each in turn would, but set-wise: a statement per table for the
+    batch and one per patient, not ten per instance. Each is a round trip on PostgreSQL,
+    where writing instance by instance managed ~950 instances/s (bench/scale.py)."""
+    by_path = {item.path: item for item in items}  # a path given twice: the last one holds
+    _forget_paths(conn, dialect, source, list(by_path))
+    put_records(conn, dialect, [item.record for item in by_path.values()])
+    rows = [
+        (
+            source,
+            item.path,
+            item.size,
+            item.mtime_ns,
+            item.record.uids[2],
+            pixel.transfer_syntax if pixel else None,
+            pixel.mode if pixel else None,
+            int(pixel.encapsulated) if pixel else 0,
+            orjson.dumps(pixel.frames) if pixel and pixel.frames is not None else None,
+            pixel.frame_error if pixel else None,
+            pixel.swap_width if pixel else 0,
+        )
+        for item in by_path.values()
+        for pixel in (item.pixel,)
+    ]
+    conn.executemany(_upsert_sql("locations", _LOCATION_COLUMNS, "source, path"), rows)
+
+
+def put_records(conn: Any, dialect: str, records: Sequence[InstanceRecord]) -> None:
+    """Upsert the records' patients, studies, series and instances; recount what they touch."""
+    # Merged in order, so that the batch ends as record-by-record upserts would: a later
+    # record's values win, and what it lacks keeps an earlier record's (or the stored) value.
+    patients: dict[tuple[str, str], dict[str, Any]] = {}
+    studies: dict[str, dict[str, Any]] = {}
+    series: dict[str, dict[str, Any]] = {}
+    instances: dict[str, dict[str, Any]] = {}
+    study_patient: dict[str, tuple[str, str]] = {}
+    for record in records:
+        key = (record.patient["PatientID"], record.patient["IssuerOfPatientID"])
+        patients[key] = record.patient
+        study_uid, series_uid, instance_uid = record.uids
+        study_patient[study_uid] = key
+        studies.setdefault(study_uid, {}).update(record.study)
+        series.setdefault(series_uid, {}).update(record.series, StudyInstanceUID=study_uid)
+        instances.setdefault(instance_uid, {}).update(
+            record.instance, SeriesInstanceUID=series_uid, metadata=record.metadata
+        )
+    ids = _upsert_patients(conn, patients)
+    for uid, study in studies.items():
+        study["patient"] = ids[study_patient[uid]]
+    _upsert_many(conn, "studies", studies.values(), "StudyInstanceUID")
+    _upsert_many(conn, "series", series.values(), "SeriesInstanceUID")
+    _upsert_many(conn, "instances", instances.values(), "SOPInstanceUID")
+    _recount(conn, dialect, list(series), list(studies))
+
+
+def _recount(conn: Any, dialect: str, series: list[str], studies: list[str]) -> None:
+    """Bring the stored counts and ModalitiesInStudy of these series and studies up to date
+    (PS3.18 Table 10.6.3-3's computed attributes). Kept as columns, so that QIDO reads them:
+    computed per answer, they were most of a 1,000-result page's SQL (bench/scale.py)."""
+    for chunk in _chunks(series):
+        conn.execute(
+            "UPDATE series SET NumberOfSeriesRelatedInstances = (SELECT COUNT(*) FROM instances y "
+            "WHERE y.SeriesInstanceUID = series.SeriesInstanceUID) "
+            f"WHERE SeriesInstanceUID IN ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+    aggregate = AGGREGATE[dialect]
+    for chunk in _chunks(studies):
+        conn.execute(
+            "UPDATE studies SET "
+            f"ModalitiesInStudy = (SELECT {aggregate} FROM series x "
+            "WHERE x.StudyInstanceUID = studies.StudyInstanceUID), "
+            "NumberOfStudyRelatedSeries = (SELECT COUNT(*) FROM series x "
+            "WHERE x.StudyInstanceUID = studies.StudyInstanceUID), "
+            "NumberOfStudyRelatedInstances = (SELECT COALESCE(SUM(x.NumberOfSeriesRelatedInstances), 0) "
+            "FROM series x WHERE x.StudyInstanceUID = studies.StudyInstanceUID) "
+            f"WHERE StudyInstanceUID IN ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+
+
+def put_reject(
+    conn: Any, dialect: str, source: str, path: str, size: int, mtime_ns: int, reason: str
+) -> None:
+    _forget_path(conn, dialect, source, path)
+    reject = {"source": source, "path": path, "size": size, "mtime_ns": mtime_ns, "reason": reason}
+    upsert(conn, "rejects", reject, "source, path")
+
+
+def remove_path(conn: Any, dialect: str, source: str, path: str) -> None:
+    _forget_path(conn, dialect, source, path)
+
+
+def _forget_paths(conn: Any, dialect: str, source: str, paths: list[str]) -> None:
+    """``_forget_path`` for many: the paths are looked up together, and only those that hold
+    something (a file that changed, rare in a harvest) are forgotten one by one."""
+    held: list[str] = []
+    for chunk in _chunks(paths):
+        marks = ",".join("?" * len(chunk))
+        conn.execute(f"DELETE FROM rejects WHERE source=? AND path IN ({marks})", (source, *chunk))
+        held += [
+            row[0]
+            for row in conn.execute(
+                f"SELECT path FROM locations WHERE source=? AND path IN ({marks})", (source, *chunk)
+            ).fetchall()
+        ]
+    for path in held:
+        _forget_path(conn, dialect, source, path)
+
+
+def _forget_path(conn: Any, dialect: str, source: str, path: str) -> None:
+    conn.execute("DELETE FROM rejects WHERE source=? AND path=?", (source, path))
+    row = conn.execute(
+        "SELECT SOPInstanceUID FROM locations WHERE source=? AND path=?", (source, path)
+    ).fetchone()
+    if row is None:
+        return
+    conn.execute("DELETE FROM locations WHERE source=? AND path=?", (source, path))
+    uid = row[0]
+    if conn.execute("SELECT 1 FROM locations WHERE SOPInstanceUID=?", (uid,)).fetchone():
+        return  # the instance is still held elsewhere
+    series = conn.execute("SELECT SeriesInstanceUID FROM instances WHERE SOPInstanceUID=?", (uid,)).fetchone()
+    conn.execute("DELETE FROM instances WHERE SOPInstanceUID=?", (uid,))
+    if series is None:
+        return
+    series_uid = series[0]
+    study = conn.execute(
+        "SELECT StudyInstanceUID FROM series WHERE SeriesInstanceUID=?", (series_uid,)
+    ).fetchone()
+    if conn.execute("SELECT 1 FROM instances WHERE SeriesInstanceUID=?", (series_uid,)).fetchone():
+        _recount(conn, dialect, [series_uid], [study[0]] if study else [])
+        return
+    conn.execute("DELETE FROM series WHERE SeriesInstanceUID=?", (series_uid,))
+    if study is None:
+        return
+    if conn.execute("SELECT 1 FROM series WHERE StudyInstanceUID=?", (study[0],)).fetchone():
+        _recount(conn, dialect, [], [study[0]])
+        return
+    patient = conn.execute("SELECT patient FROM studies WHERE StudyInstanceUID=?", (study[0],)).fetchone()
+    conn.execute("DELETE FROM studies WHERE StudyInstanceUID=?", (study[0],))
+    if (
+        patient is not None
+        and not conn.execute("SELECT 1 FROM studies WHERE patient=?", (patient[0],)).fetchone()
+    ):
+        conn.execute("DELETE FROM patient_words WHERE patient=?", (patient[0],))
+        conn.execute("DELETE FROM patients WHERE id=?", (patient[0],))
+
+
+def _upsert_patients(
+    conn: Any, patients: dict[tuple[str, str], dict[str, Any]]
+) -> dict[tuple[str, str], int]:
+    """Insert or update each patient; their ids. The name's word table is rewritten."""
+    ids: dict[tuple[str, str], int] = {}
+    words: list[tuple[str, int]] = []
+    sql = _upsert_sql("patients", PATIENT_COLUMNS, "PatientID, IssuerOfPatientID") + " RETURNING id"
+    for key, patient in patients.items():
+        row = conn.execute(sql, tuple(patient.get(c) for c in PATIENT_COLUMNS)).fetchone()
+        ids[key] = patient_id = int(row[0])
+        words += [
+            (word, patient_id) for word in sorted(set((patient.get("PatientName_words") or "").split()))
+        ]
+    for chunk in _chunks(list(ids.values())):
+        conn.execute(f"DELETE FROM patient_words WHERE patient IN ({','.join('?' * len(chunk))})", chunk)
+    if words:
+        conn.executemany("INSERT INTO patient_words VALUES (?, ?)", words)
+    return ids
+
+
+_LOCATION_COLUMNS = (
+    "source", "path", "size", "mtime_ns", "SOPInstanceUID", "TransferSyntaxUID", "mode", "encapsulated",
+    "frames", "frame_error", "swap",
+)  # fmt: skip
+_IN_LIST = 500  # values in one IN (...): far below SQLite's and PostgreSQL's parameter limits
+
+
+def _chunks(values: list[Any]) -> Iterator[list[Any]]:
+    for start in range(0, len(values), _IN_LIST):
+        yield values[start : start + _IN_LIST]
+
+
+def _upsert_sql(table: str, names: Sequence[str], key: str) -> str:
+    keys = {k.strip() for k in key.split(",")}
+    updates = ", ".join(f"{n}=excluded.{n}" for n in names if n not in keys)
+    return (
+        f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+        f"ON CONFLICT({key}) DO UPDATE SET {updates}"
+    )
+
+
+def upsert(conn: Any, table: str, values: dict[str, Any], key: str) -> None:
+    conn.execute(_upsert_sql(table, list(values), key), tuple(values.values()))
+
+
+def _upsert_many(conn: Any, table: str, rows: Iterable[dict[str, Any]], key: str) -> None:
+    """One ``executemany`` per set of columns: a row updates only the columns it has."""
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row), []).append(tuple(row.values()))
+    for names, values in groups.items():
+        conn.executemany(_upsert_sql(table, names, key), values)
