@@ -95,13 +95,17 @@ def schema(dialect: str) -> list[str]:
         "CREATE INDEX IF NOT EXISTS patients_id ON patients (PatientID)",
         "CREATE INDEX IF NOT EXISTS patients_ins ON patients (INS)",
         f"CREATE INDEX IF NOT EXISTS patients_name ON patients (PatientName_fold{t['prefix']})",
-        "CREATE INDEX IF NOT EXISTS series_study ON series (StudyInstanceUID)",
+        # A study's series and a series' instances come out in answer order from their index:
+        # sorting a 3,000-instance series' /metadata (the JSON with it) took 57 ms, this 18 ms.
+        "CREATE INDEX IF NOT EXISTS series_study_order "
+        "ON series (StudyInstanceUID, SeriesNumber, SeriesInstanceUID)",
         # ModalitiesInStudy=MR: without it SQLite walked every MR series for every study (30 s
         # at 1,000,000 instances; bench/scale.py). Modality=MR at series level: read in order.
         "CREATE INDEX IF NOT EXISTS series_study_modality ON series (StudyInstanceUID, Modality)",
         "CREATE INDEX IF NOT EXISTS series_modality_order "
         "ON series (Modality, SeriesNumber, SeriesInstanceUID)",
-        "CREATE INDEX IF NOT EXISTS instances_series ON instances (SeriesInstanceUID)",
+        "CREATE INDEX IF NOT EXISTS instances_series_order "
+        "ON instances (SeriesInstanceUID, InstanceNumber, SOPInstanceUID)",
         # The answer order of series and instance queries: without them, a query that names no
         # study (GET /instances, a sync client's) sorted every instance: 1.4-12 s at 1,000,000.
         "CREATE INDEX IF NOT EXISTS series_order ON series (SeriesNumber, SeriesInstanceUID)",
