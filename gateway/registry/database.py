@@ -128,7 +128,8 @@ class SQLiteDatabase:
     def analyze(self, tables: Iterable[str], vacuum: bool = True) -> None:
         """Refresh the planner's statistics after a bulk change (SQLite keeps none until asked:
         without them it chose the wrong index for ModalitiesInStudy at 1,000,000 instances).
-        Sampled (``analysis_limit``): a second or so, whatever the registry's size."""
+        Sampled (``analysis_limit``): a second or so, whatever the registry's size. SQLite's
+        planner needs no visibility map: ``vacuum`` changes nothing here."""
         conn = self._conn()
         conn.execute("PRAGMA analysis_limit = 1000")
         for table in tables:

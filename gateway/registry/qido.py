@@ -235,9 +235,7 @@ def compile_query(
         # prefix that matches nobody, 14-25 ms on PostgreSQL for one that matches a few hundred
         # patients. Keeping the date index out of the ordering (SQLite: a unary +; PostgreSQL:
         # an expression of the same order) makes the name index find the patients first.
-        order = (
-            "+" + order if dialect == "sqlite" else order.replace("st.StudyDate", "(st.StudyDate || '')", 1)
-        )
+        order = "+" + order if dialect == "sqlite" else order.replace("st.StudyDate", _UNINDEXED_DATE, 1)
     sql = (
         f"SELECT {', '.join(selects)} FROM {_FROM[query.level]}"
         + (f" WHERE {' AND '.join(where)}" if where else "")
@@ -286,8 +284,9 @@ def names_first_below(patients: float, studies: float, page: int) -> int:
     date order. Walking reads about ``page / f`` studies when a fraction ``f`` of them match;
     finding the patients first reads all ``f * studies`` that match and sorts them. They cost
     the same where ``f = sqrt(page / studies)``: at 1,000,000 instances (20,646 patients,
-    34,004 studies) and a viewer's page, ~1,100 patients. Walking when more match took a prefix
-    matching 1,857 patients ("mart") from 22 to ~5 ms on PostgreSQL (bench/scale.py)."""
+    34,004 studies) and a viewer's page, ~1,100 patients. There, on SQLite: "DAVI*" (300
+    patients) 2.1 ms found first, 15.9 ms walking; "MART*" (1,857) 9.1 and 6.8 ms; "M*" (4,062)
+    17.4 and 3.8 ms. PostgreSQL: "MART*" 22 ms found first (bench/scale.py)."""
     if studies <= 0 or patients <= 0:
         return 1 << 30  # no statistics yet: the name index, whose cost the count bounds anyway
     return max(1, int(patients * min(1.0, (page / studies) ** 0.5)))
