@@ -127,8 +127,7 @@ def harvest(
     gone = [path for path in known if path not in seen] if stats.since is None else []
     if gone:
         with registry.transaction() as conn:
-            for path in gone:
-                registry.remove_path(conn, source.name, path)
+            registry.remove_paths(conn, source.name, gone)
         stats.removed = len(gone)
     if stats.indexed + stats.removed >= _ANALYZE_AFTER:
         registry.analyze()  # the query planner's statistics, for what changed in bulk

@@ -170,8 +170,8 @@ class Registry:
     def put_reject(self, conn: Any, source: str, path: str, size: int, mtime_ns: int, reason: str) -> None:
         writes.put_reject(conn, self.dialect, source, path, size, mtime_ns, reason)
 
-    def remove_path(self, conn: Any, source: str, path: str) -> None:
-        writes.remove_path(conn, self.dialect, source, path)
+    def remove_paths(self, conn: Any, source: str, paths: list[str]) -> None:
+        writes.remove_paths(conn, self.dialect, source, paths)
 
     def analyze(self, vacuum: bool = True) -> None:
         """Refresh the database's statistics (after a harvest that changed many instances)."""
