@@ -1,10 +1,9 @@
 """A synthetic registry of N instances for the scale benchmark (``bench/scale.py``), written
-through the registry's own write API (``Registry.transaction()`` and ``put_instances``, a batch of
-InstanceRecords built by ``record_from_json`` from DICOM JSON), not by SQL of our own:
-the schema stays the registry's business, and ``generate`` takes any object with those two
-methods, SQLite or PostgreSQL. ~10,000 instances/s on one core into SQLite (1,000,000 in under 2
-minutes, 4.6 GB); ~5,700/s into PostgreSQL (a batch of
-statements per table, sent in pipeline mode).
+through the registry's own write API (``Registry.transaction()``, ``put_instances`` and
+``wrote``, as harvest calls them; InstanceRecords built by ``record_from_json`` from DICOM JSON),
+not by SQL of our own: the schema stays the registry's business, and ``generate`` takes any
+object with those methods, SQLite or PostgreSQL. 7,500-8,300 instances/s on one core into SQLite
+(1,000,000 in about 2 minutes, 4.6 GB); 4,300-5,200/s into PostgreSQL (4 minutes, 2.0 GB).
 
 Shape (see ``_study_plan``): one patient per 50 instances (20,000 at 1,000,000), at one of three
 sites (PatientID with IssuerOfPatientID); 30% with an INS (OtherPatientIDsSequence), a tenth of

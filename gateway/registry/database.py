@@ -237,7 +237,7 @@ class _PgConnection:
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         # psycopg sends the rows in pipeline mode: one round trip for the batch, not one per row
-        # (the synthetic registry of bench/scale.py: ~950 instances/s row by row, ~5,700/s so).
+        # (the synthetic registry of bench/scale.py: ~950 instances/s row by row, ~5,000/s so).
         try:
             with self._conn.cursor() as cursor:
                 cursor.executemany(_PLACEHOLDER.sub("%s", sql), [_text_safe(row) for row in rows])
