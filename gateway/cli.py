@@ -8,10 +8,12 @@ import logging
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 from gateway import __version__
-from gateway.config import Config, load_config
+from gateway.config import Config, is_loopback, load_config
 from gateway.errors import ConfigError, GatewayError
+from gateway.redact import SafeLogFilter
 from gateway.registry.store import SourceStats
 
 __all__ = ["main"]
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     viewer_install.add_argument("--version", help="@ohif/app release (default: the one tested)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every line, ours or a library's (uvicorn logs through the root handler, see _serve): no
+    # secret, no raw newline from a file name or a client's path (gateway.redact).
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(SafeLogFilter())
     # One line per upstream request or association is noise at INFO: their warnings still show.
     for chatty in ("httpx", "httpcore", "pynetdicom"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -159,6 +165,14 @@ def _serve(config: Config, host: str | None, port: int | None, harvest: bool) ->
 
     host = host or config.server.host
     port = port if port is not None else config.server.port
+    if config.auth.open and not is_loopback(host) and not config.auth.open_beyond_loopback:
+        raise ConfigError(
+            f"auth.open: refusing to listen on {host}: open access shows every study to anyone who can "
+            "reach it. Listen on 127.0.0.1, configure [[auth.issuers]], or set "
+            "auth.open_beyond_loopback = true"
+        )
+    if not config.server.public_url and (host != config.server.host or port != config.server.port):
+        config = replace(config, server=replace(config.server, host=host, port=port))
     _announce(config)
     app = create_app(Gateway(config), harvest=harvest)
     log.info("DICOMweb at http://%s:%d/dicom-web", host if ":" not in host else f"[{host}]", port)
@@ -166,7 +180,21 @@ def _serve(config: Config, host: str | None, port: int | None, harvest: bool) ->
     # collector's sight, a full collection no longer walks it. Those walks were the 35-40 ms
     # tail of QIDO answers (p99 40 -> 10 ms at 1,000,000 instances; bench/scale.py).
     gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    # log_config=None: uvicorn's loggers go through the root handler and its SafeLogFilter.
+    # X-Forwarded-For/-Proto are believed from the configured proxies only (uvicorn's default
+    # believes any loopback client): they decide the audited client address and the scheme
+    # (Secure cookies, HSTS).
+    proxies = config.server.trusted_proxies
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        log_config=None,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=",".join(proxies) if proxies else None,
+    )
     return 0
 
 

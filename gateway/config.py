@@ -23,12 +23,14 @@ Every problem is reported as one ``ConfigError`` line naming the key, never a tr
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError
 
@@ -41,6 +43,7 @@ __all__ = [
     "Issuer",
     "load_config",
     "default_config",
+    "is_loopback",
 ]
 
 SOURCE_KINDS = ("filesystem", "dicomweb", "dimse")
@@ -49,7 +52,7 @@ _COMMON_KEYS = {"name", "kind", "interval", "priority"}
 _DEADLINE_KEYS = {"connect_timeout", "timeout", "total_timeout"}
 _KEYS = {
     "filesystem": _COMMON_KEYS | {"path"},
-    "dicomweb": _COMMON_KEYS | _DEADLINE_KEYS | {"url", "headers"},
+    "dicomweb": _COMMON_KEYS | _DEADLINE_KEYS | {"url", "headers", "max_answer_bytes"},
     "dimse": _COMMON_KEYS
     | _DEADLINE_KEYS
     | {"host", "port", "called_ae", "calling_ae", "retrieve", "move_destination_port"},
@@ -60,6 +63,21 @@ _KEYS = {
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    # Where users reach the gateway (https://imaging.example): study link URLs are built from it,
+    # never from a request's Host header. None: http://host:port as bound.
+    public_url: str | None = None
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or
+    # networks); from anyone else those headers are ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    hsts_seconds: int = 0  # Strict-Transport-Security max-age on https answers (0: not sent)
+
+    @property
+    def base_url(self) -> str:
+        """The gateway's public origin, without a trailing slash."""
+        if self.public_url:
+            return self.public_url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,10 @@ class SourceConfig:
     path: Path | None = None  # filesystem
     url: str | None = None  # dicomweb: base URL of the upstream DICOMweb service
     headers: tuple[tuple[str, str], ...] = ()  # dicomweb: sent with every request (Authorization)
+    # dicomweb: the largest JSON answer (a QIDO page, a series' /metadata) read at harvest. 64 MiB
+    # holds the metadata of a 3,000-image CT series (~10 KB of JSON each) twice over, and bounds
+    # what a hostile or broken upstream can make one harvest hold (parsed, several times that).
+    max_answer_bytes: int = 64 * 1024 * 1024
     host: str | None = None  # dimse: the PACS's address, port and AE titles
     port: int = 104
     called_ae: str = "ANY-SCP"
@@ -111,6 +133,7 @@ class Issuer:
 @dataclass(frozen=True)
 class AuthConfig:
     open: bool = False  # no authentication at all: everyone sees everything (demo only)
+    open_beyond_loopback: bool = False  # let an open gateway listen on other than loopback
     issuers: tuple[Issuer, ...] = ()
     emergency_minutes: float = 240.0  # how long an emergency access lasts
     session_minutes: float = 30.0  # a study link's session cookie lifetime (at most the link's)
@@ -201,7 +224,7 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
         if key not in known:
             raise ConfigError(f"{key}: unknown section (expected one of {', '.join(sorted(known))})")
     server_raw = _table(raw, "server")
-    _only(server_raw, "server", {"host", "port"})
+    _only(server_raw, "server", {"host", "port", "public_url", "trusted_proxies", "hsts_seconds"})
     host = env.get("GATEWAY_HOST") or _typed(server_raw, "server.host", str, "127.0.0.1")
     port_value: Any = env.get("GATEWAY_PORT") or _typed(server_raw, "server.port", int, 8080)
     try:
@@ -210,6 +233,23 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
         raise ConfigError(f"server.port: {port_value!r} is not a port number") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"server.port: {port} is outside 0-65535")
+    public_url = _typed(server_raw, "server.public_url", str, None)
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ConfigError(
+                f"server.public_url: {public_url!r} is not an http(s) origin (https://host[:port][/path])"
+            )
+        public_url = public_url.rstrip("/")
+    proxies = _typed(server_raw, "server.trusted_proxies", list, [])
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(f"server.trusted_proxies: {proxy!r} is not an address or network") from None
+    hsts = _typed(server_raw, "server.hsts_seconds", int, 0)
+    if hsts < 0:
+        raise ConfigError("server.hsts_seconds: must be 0 (off) or a positive number of seconds")
 
     registry_raw = _table(raw, "registry")
     _only(registry_raw, "registry", {"url", "data_dir"})
@@ -250,10 +290,10 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
         raise ConfigError(f"access.url: {access_url!r} is not sqlite:///PATH or postgresql://HOST/DATABASE")
     auth = _auth(_table(raw, "auth"), base)
     notes: tuple[str, ...] = ()
-    if auth.open and host not in _LOOPBACK:
+    if auth.open and not is_loopback(host):
         notes = (f"auth.open on {host}: anyone who can reach this address sees every study",)
     return Config(
-        ServerConfig(host, port),
+        ServerConfig(host, port, public_url, tuple(proxies), hsts),
         url,
         tuple(sources),
         origin=origin,
@@ -265,6 +305,18 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 _ISSUER_KEYS = {
     "issuer", "audience", "jwks_url", "jwks_file", "role", "id_claim", "ins_claim",
     "organization_claim", "roles_claim", "emergency_roles", "leeway",
@@ -275,11 +327,15 @@ def _auth(table: dict[str, Any], base: Path) -> AuthConfig:
     _only(
         table,
         "auth",
-        {"open", "issuers", "emergency_minutes", "session_minutes", "max_link_days", "cors_origins"},
-    )
+        {"open", "open_beyond_loopback", "issuers", "emergency_minutes", "session_minutes",
+         "max_link_days", "cors_origins"},
+    )  # fmt: skip
     open_ = table.get("open", False)
     if not isinstance(open_, bool):
         raise ConfigError(f"auth.open: expected true or false, got {open_!r}")
+    beyond = table.get("open_beyond_loopback", False)
+    if not isinstance(beyond, bool):
+        raise ConfigError(f"auth.open_beyond_loopback: expected true or false, got {beyond!r}")
     issuers_raw = table.get("issuers", [])
     if not isinstance(issuers_raw, list):
         raise ConfigError("auth.issuers: must be an array of tables ([[auth.issuers]])")
@@ -294,6 +350,7 @@ def _auth(table: dict[str, Any], base: Path) -> AuthConfig:
         raise ConfigError("auth.cors_origins: expected a list of origins (https://viewer.example)")
     return AuthConfig(
         open=open_,
+        open_beyond_loopback=beyond,
         issuers=issuers,
         emergency_minutes=_seconds(table, "auth.emergency_minutes", AuthConfig.emergency_minutes),
         session_minutes=_seconds(table, "auth.session_minutes", AuthConfig.session_minutes),
@@ -370,7 +427,16 @@ def _source(item: Any, where: str, base: Path, index: int) -> SourceConfig:
     for key, value in headers.items():
         if not isinstance(value, str):
             raise ConfigError(f"{where}.headers.{key}: expected a string")
-    return SourceConfig(**common, url=url.rstrip("/"), headers=tuple(headers.items()), deadlines=deadlines)
+    max_answer = _typed(item, f"{where}.max_answer_bytes", int, SourceConfig.max_answer_bytes)
+    if max_answer <= 0:
+        raise ConfigError(f"{where}.max_answer_bytes: must be a positive number of bytes")
+    return SourceConfig(
+        **common,
+        url=url.rstrip("/"),
+        headers=tuple(headers.items()),
+        deadlines=deadlines,
+        max_answer_bytes=max_answer,
+    )
 
 
 def _dimse(item: dict[str, Any], where: str, common: dict[str, Any], deadlines: Deadlines) -> SourceConfig:

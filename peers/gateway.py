@@ -55,18 +55,19 @@ def running_gateway(
     auth: str | None = None,
     headers: dict[str, str] | None = None,
     registry_url: str | None = None,
+    server: str = "",
 ) -> Iterator[str]:
     """``gateway serve`` as a subprocess with the given ``[[sources]]`` tables and ``[auth]``
     section (default: open, on loopback; ``headers`` then carry the credentials that the start-up
     check's QIDO needs; ``registry_url`` another registry than a SQLite file in ``work``, e.g.
-    one PostgreSQL database for several nodes); yields the DICOMweb base URL once it answers (and,
-    by default, once its first harvest found studies)."""
+    one PostgreSQL database for several nodes; ``server`` more ``[server]`` keys); yields the
+    DICOMweb base URL once it answers (and, by default, once its first harvest found studies)."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = work / "gateway.toml"
     registry = registry_url or f"sqlite:///{work / 'registry.db'}"
     config.write_text(
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\n{server}'
         f'[registry]\nurl = "{registry}"\ndata_dir = "{work}"\n' + (auth or OPEN) + sources
     )
     log = work / "gateway.log"

@@ -13,6 +13,10 @@ Actions and the PS3.15 A.5.3 messages they become (codes from PS3.16 CID 400 and
     link.*, grant.*, study.*     Security Alert (110113), E, Object Security Attributes
                                  Changed (110135)                                         A.5.3.11
     emergency.open               Security Alert (110113), E, Emergency Override Started (110127)
+    *.list                       Query (110112), E (the caller's access settings)          A.5.3.10
+    audit.read                   Audit Log Used (110101), R                                A.5.3.2
+    other                        Security Alert (110113), E, Use of Restricted Function
+                                 (110132): a request no resource answers                  A.5.3.11
 
 Every record made under emergency rules also carries EventTypeCode 110127 (FHIR: subtype, plus
 purposeOfEvent ETREAT), so break-the-glass access is found by one code whatever the action.
@@ -42,6 +46,8 @@ _QUERY = _Code("110112", "DCM", "Query")
 _TRANSFERRED = _Code("110104", "DCM", "DICOM Instances Transferred")
 _ACCESSED = _Code("110103", "DCM", "DICOM Instances Accessed")
 _SECURITY_ALERT = _Code("110113", "DCM", "Security Alert")
+_AUDIT_LOG_USED = _Code("110101", "DCM", "Audit Log Used")
+_RESTRICTED = _Code("110132", "DCM", "Use of Restricted Function")
 _EMERGENCY = _Code("110127", "DCM", "Emergency Override Started")
 _ATTRIBUTES_CHANGED = _Code("110135", "DCM", "Object Security Attributes Changed")
 _SOURCE_ROLE = _Code("110153", "DCM", "Source Role ID")
@@ -56,7 +62,8 @@ _HL7 = "http://terminology.hl7.org/CodeSystem"
 _STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # QIDO-RS is the web form of this C-FIND (PS3.18)
 # PS3.15 A.5.2: 4 is a minor failure, "action restarted" (a denial: the caller may come back with
 # other credentials); 8 a serious one, "action terminated" (the request failed).
-_OUTCOMES = {"success": "0", "denied": "4", "error": "8"}
+# A transfer the client hung up on, or a source broke off, ended prematurely: "terminated", 8.
+_OUTCOMES = {"success": "0", "denied": "4", "error": "8", "incomplete": "8"}
 
 
 class _Event(NamedTuple):
@@ -92,6 +99,13 @@ _EVENTS = {
     "study.hide": _CHANGED,
     "study.unhide": _CHANGED,
     "emergency.open": _Event(_SECURITY_ALERT, "E", (_EMERGENCY,), None, None),
+    "link.list": _QUERIED,
+    "grant.list": _QUERIED,
+    "hidden.list": _QUERIED,
+    "emergency.list": _QUERIED,
+    # A.5.3.2: the patient reads (part of) the audit trail kept about them.
+    "audit.read": _Event(_AUDIT_LOG_USED, "R", (), None, None),
+    "other": _Event(_SECURITY_ALERT, "E", (_RESTRICTED,), None, None),
 }
 
 
@@ -129,8 +143,8 @@ def _objects(record: AuditRecord) -> list[_Object]:
         objects.append(_Object(_STUDY_ROOT_FIND, _SOP_CLASS_UID, "2", "24", path))
     if record.study:
         objects.append(_Object(record.study, _STUDY_UID, "2", "3"))  # A.5.3.6, A.5.3.7 "Studies"
-    if record.patient:
-        objects.append(_Object(record.patient, _PATIENT_NUMBER, "1", "1"))  # and "Patient"
+    for patient in record.patients or ((record.patient,) if record.patient else ()):
+        objects.append(_Object(patient, _PATIENT_NUMBER, "1", "1"))  # and "Patient", each of them
     return objects
 
 
@@ -142,8 +156,13 @@ def _details(record: AuditRecord) -> list[tuple[str, str]]:
     ]
 
 
+def _when(record: AuditRecord, event: _Event) -> str:
+    # A.5.3.7: a transfer is recorded when it ends; everything else when the request came in.
+    return _instant(record.ended if event is _SENT and record.ended is not None else record.time)
+
+
 def _instant(seconds: float) -> str:
-    # A.5.2.5: EventDateTime shall include the time zone. The record keeps when the request came in.
+    # A.5.2.5: EventDateTime shall include the time zone.
     moment = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
     return moment.replace("+00:00", "Z")
 
@@ -175,7 +194,7 @@ def dicom_audit_message(record: AuditRecord, source_id: str) -> bytes:
     # A.5.1: child elements come in schema order; attributes may come in any.
     root = ET.Element("AuditMessage")
     identification = ET.SubElement(root, "EventIdentification", EventActionCode=event.action)
-    identification.set("EventDateTime", _instant(record.time))
+    identification.set("EventDateTime", _when(record, event))
     identification.set("EventOutcomeIndicator", outcome)
     _coded(identification, "EventID", event.id)
     for code in _types(record, event):
@@ -248,7 +267,10 @@ def fhir_audit_event(record: AuditRecord, source_id: str) -> dict[str, Any]:
     It carries the same codes as :func:`dicom_audit_message`, as FHIR's DICOM mapping prescribes.
     """
     event, outcome = _event(record)
-    caller: dict[str, Any] = {"who": {"identifier": {"value": record.actor}}, "requestor": True}
+    identifier = (
+        {"system": record.issuer, "value": record.actor} if record.issuer else {"value": record.actor}
+    )
+    caller: dict[str, Any] = {"who": {"identifier": identifier}, "requestor": True}
     if event.caller_role:
         caller["type"] = {"coding": [_coding(event.caller_role)]}
     caller["role"] = [{"text": record.role}]
@@ -265,7 +287,7 @@ def fhir_audit_event(record: AuditRecord, source_id: str) -> dict[str, Any]:
     if subtypes := _types(record, event):
         resource["subtype"] = [_coding(code) for code in subtypes]
     resource["action"] = event.action
-    resource["recorded"] = _instant(record.time)
+    resource["recorded"] = _when(record, event)
     resource["outcome"] = outcome
     if record.reason:
         resource["outcomeDesc"] = record.reason
@@ -279,7 +301,13 @@ def fhir_audit_event(record: AuditRecord, source_id: str) -> dict[str, Any]:
     return resource
 
 
-def audit_bundle(records: Iterable[AuditRecord], source_id: str) -> dict[str, Any]:
-    """The records' AuditEvents in one FHIR Bundle of type "collection", in the records' order."""
+def audit_bundle(
+    records: Iterable[AuditRecord], source_id: str, following: str | None = None
+) -> dict[str, Any]:
+    """The records' AuditEvents in one FHIR Bundle of type "collection", in the records' order;
+    ``following``: the URL of the next page, as a "next" link."""
     entries = [{"resource": fhir_audit_event(record, source_id)} for record in records]
-    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "collection"}
+    if following:
+        bundle["link"] = [{"relation": "next", "url": following}]
+    return bundle | {"entry": entries}

@@ -9,11 +9,15 @@
 - Open access (a configured demo) sees everything.
 
 Refusals: QIDO leaves out what the caller may not see, silently (PS3.18 gives a search no way to
-say "some results withheld", and saying it would disclose them). WADO on a study the caller may not
-see answers 404 for patients, links and hidden studies: the study's existence is not disclosed to
-someone with no business knowing it. A professional without the patient's consent gets 403, with
-what to do next (ask the patient for a grant, or open emergency access): their software knows
-the study from the shared record anyway, and a bare 404 would send them looking for a fault.
+say "some results withheld", and saying it would disclose them). WADO on a study the caller may
+not see gets one answer per kind of caller, the same whether the study does not exist, is hidden,
+has no INS, or belongs to a patient who did not grant access: any difference would tell "this UID
+is a study here". Patients and links get 404. Professionals get 403 saying how access is
+obtained (the patient's grant, or emergency access for emergency roles): their software knows the
+study from the shared record anyway, and a bare 404 would send them looking for a fault.
+
+A study link's session holds only while the consent it was made under holds: a professional's
+link works while the patient's grant to them (or their organization) does (``link_consented``).
 
 Decisions are recomputed at most one second apart (``_FRESH``), so a grant revoked, a study hidden
 or a link revoked takes effect within a second, on every node sharing the database.
@@ -50,12 +54,26 @@ class StudyAccess:
         self.emergency = emergency
 
 
+def _unseen(what: str) -> NotFound:
+    return NotFound(f"{what} not found")
+
+
+def _no_access(principal: Principal, what: str) -> Forbidden:
+    """The one refusal a professional gets, whatever the reason (see the module docstring)."""
+    hint = (
+        "open emergency access (POST /api/emergency with the patient and a reason)"
+        if principal.emergency
+        else "the patient can grant it from the portal"
+    )
+    return Forbidden(f"{what}: no access for {principal.actor} (if it exists here, {hint})")
+
+
 class Policy:
     def __init__(self, store: AccessStore, registry: Registry) -> None:
         self.store = store
         self.registry = registry
         self._decisions: dict[tuple[Principal, str], tuple[float, object]] = {}
-        self._patients: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._patients: OrderedDict[str, tuple[float, tuple[bool, str | None]]] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- what a caller sees --------------------------------------------------------------------
@@ -72,12 +90,14 @@ class Policy:
             assert principal.ins is not None
             return Restriction(patients=frozenset({principal.ins}))
         if principal.role == "link":
-            assert principal.study is not None
-            gone = frozenset({principal.study}) if self.store.is_hidden(principal.study) else frozenset()
-            return Restriction(studies=frozenset({principal.study}), hidden=gone)
+            assert principal.study is not None and principal.link is not None
+            gone = self.store.is_hidden(principal.study) or not self.store.link_consented(principal.link, now)
+            return Restriction(
+                studies=frozenset({principal.study}), hidden=frozenset({principal.study} if gone else ())
+            )
         if principal.role == "professional":
             patients = self.store.granted_patients(principal.grantee_keys, now)
-            patients |= self.store.emergency_patients(principal.actor, now)
+            patients |= self.store.emergency_patients(principal.key, now)
             hidden = self.store.hidden_of(patients)
             return Restriction(patients=frozenset(patients), hidden=frozenset(hidden))
         raise Unauthenticated("credentials are needed (Authorization: Bearer <token>, or a study link)")
@@ -91,55 +111,82 @@ class Policy:
         return decision
 
     def _decide(self, principal: Principal, study: str) -> StudyAccess | Exception:
-        patient = self.study_patient(study)
+        exists, patient = self.study_patient(study)
+        if principal.role == "open":
+            return StudyAccess(patient, False) if exists else NotFound(f"study {study} not found")
+        if principal.role == "anonymous":
+            return Unauthenticated("credentials are needed (Authorization: Bearer <token>, or a study link)")
+        if principal.role == "patient":
+            return StudyAccess(patient, False) if exists and patient == principal.ins else _unseen(study)
+        refusal = _unseen(study) if principal.role == "link" else _no_access(principal, study)
+        if not exists or patient is None or self.store.is_hidden(study):
+            return refusal
+        now = time.time()
+        if principal.role == "link":
+            if study == principal.study and self.store.link_consented(principal.link or "", now):
+                return StudyAccess(patient, False)
+            return refusal
+        if patient in self.store.granted_patients(principal.grantee_keys, now):
+            return StudyAccess(patient, False)
+        if patient in self.store.emergency_patients(principal.key, now):
+            return StudyAccess(patient, True)
+        return refusal
+
+    def check_patient(self, principal: Principal, patient: str) -> StudyAccess:
+        """May ``principal`` see ``patient``'s studies (an INS)? The same refusals as a study's."""
+        decision = self._cached(
+            principal, f"patient:{patient}", lambda: self._decide_patient(principal, patient)
+        )
+        if isinstance(decision, Exception):
+            raise decision
+        assert isinstance(decision, StudyAccess)
+        return decision
+
+    def _decide_patient(self, principal: Principal, patient: str) -> StudyAccess | Exception:
         if principal.role == "open":
             return StudyAccess(patient, False)
         if principal.role == "anonymous":
             return Unauthenticated("credentials are needed (Authorization: Bearer <token>, or a study link)")
-        unseen = NotFound(f"study {study} not found")
         if principal.role == "patient":
-            return StudyAccess(patient, False) if patient and patient == principal.ins else unseen
-        if self.store.is_hidden(study):
-            return unseen
-        if principal.role == "link":
-            return StudyAccess(patient, False) if study == principal.study else unseen
-        # A professional.
-        if patient is None:
-            return Forbidden(
-                f"study {study}: its patient has no INS in the index, so no patient's consent can cover it"
-            )
+            return StudyAccess(patient, False) if patient == principal.ins else _unseen(f"patient {patient}")
+        if principal.role == "professional":
+            now = time.time()
+            if patient in self.store.granted_patients(principal.grantee_keys, now):
+                return StudyAccess(patient, False)
+            if patient in self.store.emergency_patients(principal.key, now):
+                return StudyAccess(patient, True)
+            return _no_access(principal, f"patient {patient}")
+        return _unseen(f"patient {patient}")  # a link sees one study, not a patient
+
+    def emergency_among(self, principal: Principal, patients: set[str]) -> bool:
+        """Did ``principal`` see any of ``patients`` by emergency rules only (for the audit)?"""
+        if principal.role != "professional" or not patients:
+            return False
         now = time.time()
-        if patient in self.store.granted_patients(principal.grantee_keys, now):
-            return StudyAccess(patient, False)
-        if patient in self.store.emergency_patients(principal.actor, now):
-            return StudyAccess(patient, True)
-        hint = (
-            "open emergency access (POST /api/emergency with the patient and a reason)"
-            if principal.emergency
-            else "the patient can grant it from the portal"
+        urgent = self._cached(
+            principal, "emergency", lambda: self.store.emergency_patients(principal.key, now)
         )
-        return Forbidden(f"study {study}: no access granted by the patient to {principal.actor}; {hint}")
+        granted = self._cached(
+            principal, "granted", lambda: self.store.granted_patients(principal.grantee_keys, now)
+        )
+        return bool((patients & urgent) - granted)  # type: ignore[operator]
 
     # -- facts from the index ------------------------------------------------------------------
 
-    def study_patient(self, study: str) -> str | None:
-        """The INS of the study's patient (None when not known, or no such study)."""
+    def study_patient(self, study: str) -> tuple[bool, str | None]:
+        """Whether the study is in the index, and the INS of its patient (None when not known)."""
         now = time.monotonic()
         with self._lock:
             known = self._patients.get(study)
         if known is not None and now - known[0] < 10 * _FRESH:
             return known[1]
-        rows = self.registry.query(
-            "SELECT p.INS FROM studies st JOIN patients p ON p.id = st.patient WHERE st.StudyInstanceUID = ?",
-            (study,),
-        )
-        ins = rows[0][0] if rows and rows[0][0] else None
+        found = self.registry.study_patient(study)
         with self._lock:
-            self._patients[study] = (now, ins)
+            self._patients[study] = (now, found)
             self._patients.move_to_end(study)
             while len(self._patients) > _STUDIES:
                 self._patients.popitem(last=False)
-        return ins
+        return found
 
     def _cached(self, principal: Principal, key: str, decide):  # type: ignore[no-untyped-def]
         now = time.monotonic()

@@ -24,7 +24,11 @@ SESSION_COOKIE = "gateway_session"  # a study link's session (HttpOnly, SameSite
 class Access:
     def __init__(self, config: Config, registry: Registry) -> None:
         self.config = config.auth
+        self.server = config.server
         self.store = AccessStore(config.access_database)
+        professionals = [i.issuer for i in config.auth.issuers if i.role == "professional"]
+        if len(professionals) == 1 and (count := self.store.qualify_grantees(professionals[0])):
+            log.info("access: %d grants now name their grantee within %s", count, professionals[0])
         self.authenticator = Authenticator(config.auth)
         self.policy = Policy(self.store, registry)
         self.audit = AuditLog(self.store)
@@ -33,6 +37,18 @@ class Access:
                 "OPEN ACCESS: authentication is off (auth.open = true); every caller sees every study. "
                 "For a demo on loopback only."
             )
+
+    def remembered(self, authorization: str | None, session: str | None) -> Principal | None:
+        """The caller when that needs no I/O (no credentials, or a token verified before); None
+        when ``principal`` must be asked, in a worker thread (it may fetch keys or read sessions)."""
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer" and token.strip() and self.config.issuers:
+                return self.authenticator.remembered(token.strip())
+            return None
+        if session:
+            return None
+        return OPEN if self.config.open else ANONYMOUS
 
     def principal(self, authorization: str | None, session: str | None) -> Principal:
         """The caller, from an ``Authorization: Bearer`` header or a link's session cookie."""

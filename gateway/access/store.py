@@ -15,7 +15,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import astuple, fields
+from dataclasses import fields
 from typing import Any
 
 from gateway.access.record import AuditRecord
@@ -70,10 +70,36 @@ def _migrations(dialect: str) -> list[list[str]]:
             """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
             BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
         ]
-    return [first]
+    # 2: every patient a response carried (a QIDO answer can hold several), a transfer's end,
+    # the caller's issuer; a link's basis (the grants that let its creator make it: consent is
+    # checked against them at each use).
+    second = [
+        f"ALTER TABLE audit ADD COLUMN ended {real}",
+        "ALTER TABLE audit ADD COLUMN issuer TEXT",
+        "CREATE INDEX audit_request ON audit (request_id)",
+        f"""CREATE TABLE audit_patients (
+        request_id TEXT NOT NULL, patient TEXT NOT NULL, time {real} NOT NULL)""",
+        "CREATE INDEX audit_patients_patient ON audit_patients (patient, time)",
+        "INSERT INTO audit_patients SELECT request_id, patient, time FROM audit WHERE patient IS NOT NULL",
+        "ALTER TABLE links ADD COLUMN basis TEXT",
+        "CREATE INDEX links_patient ON links (patient)",
+    ]
+    if dialect == "postgresql":
+        second.append(
+            """CREATE TRIGGER audit_patients_append_only BEFORE UPDATE OR DELETE ON audit_patients
+            FOR EACH ROW EXECUTE FUNCTION audit_append_only()"""
+        )
+    else:
+        second += [
+            """CREATE TRIGGER audit_patients_no_update BEFORE UPDATE ON audit_patients
+            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+            """CREATE TRIGGER audit_patients_no_delete BEFORE DELETE ON audit_patients
+            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+        ]
+    return [first, second]
 
 
-_AUDIT_COLUMNS = [f.name for f in fields(AuditRecord) if f.name != "id"]
+_AUDIT_COLUMNS = [f.name for f in fields(AuditRecord) if f.name not in ("id", "patients")]
 _AUDIT_ROWS = 100  # records per INSERT statement
 
 
@@ -135,6 +161,17 @@ class AccessStore:
         )
         return {r[0] for r in rows}
 
+    def qualify_grantees(self, issuer: str) -> int:
+        """Grants written before grantees were named within their issuer (``pro:<RPPS>``) are
+        given ``issuer``, the one professional issuer configured; returns how many."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE grants SET grantee = substr(grantee, 1, 4) || ? || '|' || substr(grantee, 5) "
+                "WHERE (grantee LIKE ? OR grantee LIKE ?) AND grantee NOT LIKE ?",
+                (issuer, "pro:%", "org:%", "%|%"),
+            )
+        return max(cursor.rowcount, 0)
+
     def hide(self, study: str, patient: str) -> None:
         with self._write() as conn:
             conn.execute(
@@ -189,9 +226,17 @@ class AccessStore:
     # -- study links and their sessions -----------------------------------------------------------
 
     def add_link(
-        self, study: str, patient: str | None, creator: str, creator_role: str, expires: float
+        self,
+        study: str,
+        patient: str | None,
+        creator: str,
+        creator_role: str,
+        expires: float,
+        basis: tuple[str, ...] = (),
     ) -> tuple[dict[str, Any], str]:
-        """A new link and its secret (returned once; only its digest is kept)."""
+        """A new link and its secret (returned once; only its digest is kept). ``basis``: the
+        grantee keys that let a professional make it; the link works while the patient's grant to
+        one of them does (``link_consented``)."""
         secret = new_secret()
         row: dict[str, Any] = {
             "id": secrets.token_hex(8),
@@ -200,35 +245,62 @@ class AccessStore:
         }
         row |= {"patient": patient, "creator": creator, "creator_role": creator_role}
         row |= {"created": time.time(), "expires": expires, "revoked": None}
+        row["basis"] = "\n".join(basis) or None
         with self._write() as conn:
-            conn.execute("INSERT INTO links VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", tuple(row.values()))
+            conn.execute(
+                f"INSERT INTO links ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )
         return row, secret
 
-    def links(self, creator: str, everything: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
-        """The creator's links, newest first: the active ones, or ``everything`` (revoked and
-        expired too), at most ``limit``."""
+    def links(
+        self, creator: str, everything: bool = False, limit: int = 1000, patient: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The links ``creator`` made, and with ``patient`` every link to that patient's studies
+        (whoever made it), newest first: the active ones, or ``everything`` (revoked and expired
+        too), at most ``limit``."""
+        mine = "(creator=? OR patient=?)" if patient else "creator=?"
+        params: tuple[Any, ...] = (creator, patient) if patient else (creator,)
         active = "" if everything else " AND revoked IS NULL AND expires > ?"
-        params: tuple[Any, ...] = (creator,) if everything else (creator, time.time())
+        params += () if everything else (time.time(),)
         rows = self._rows(
-            f"SELECT * FROM links WHERE creator=?{active} ORDER BY created DESC LIMIT ?", (*params, limit)
+            f"SELECT * FROM links WHERE {mine}{active} ORDER BY created DESC LIMIT ?", (*params, limit)
         )
-        return [{k: r[k] for k in r.keys() if k != "secret"} for r in rows]
+        return [{k: r[k] for k in r.keys() if k not in ("secret", "basis")} for r in rows]
 
     def link_by_secret(self, secret: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM links WHERE secret=?", (digest(secret),))
         return dict(rows[0]) if rows else None
 
-    def revoke_link(self, creator: str, link_id: str) -> dict[str, Any] | None:
+    def revoke_link(self, creator: str, link_id: str, patient: str | None = None) -> dict[str, Any] | None:
+        """Revoke a link its ``creator`` made, or, given ``patient``, any link to their studies."""
+        mine = "(creator=? OR patient=?)" if patient else "creator=?"
+        owner: tuple[Any, ...] = (creator, patient) if patient else (creator,)
         with self._write() as conn:
             cursor = conn.execute(
-                "UPDATE links SET revoked=? WHERE id=? AND creator=? AND revoked IS NULL",
-                (time.time(), link_id, creator),
+                f"UPDATE links SET revoked=? WHERE id=? AND {mine} AND revoked IS NULL",
+                (time.time(), link_id, *owner),
             )
             if cursor.rowcount != 1:
                 return None
             conn.execute("DELETE FROM sessions WHERE link=?", (link_id,))
             row = conn.execute("SELECT * FROM links WHERE id=?", (link_id,)).fetchone()
         return dict(row)
+
+    def link_consented(self, link_id: str, now: float) -> bool:
+        """Does the consent a link was made under still hold? A patient's own link (and a demo's)
+        holds while the link does; a professional's while the patient's grant to them or their
+        organization does (revoked or expired grants end the links made under them)."""
+        rows = self._rows("SELECT patient, creator_role, basis FROM links WHERE id=?", (link_id,))
+        if not rows:
+            return False
+        patient, role, basis = rows[0][0], rows[0][1], rows[0][2]
+        if role in ("patient", "open"):
+            return True
+        keys = [key for key in (basis or "").split("\n") if key]
+        if role != "professional" or not keys or not patient:
+            return False  # made before links kept their basis: closed rather than unchecked
+        return patient in self.granted_patients(tuple(keys), now)
 
     def add_session(self, link_id: str, expires: float) -> str:
         secret = new_secret()
@@ -255,28 +327,61 @@ class AccessStore:
         with self._write() as conn:
             for start in range(0, len(records), _AUDIT_ROWS):
                 batch = records[start : start + _AUDIT_ROWS]
-                # All but id; booleans as integers (PostgreSQL does not cast them to INTEGER).
+                # Booleans as integers (PostgreSQL does not cast them to INTEGER).
                 values = [
                     int(value) if isinstance(value, bool) else value
                     for record in batch
-                    for value in astuple(record)[:-1]
+                    for value in (getattr(record, name) for name in _AUDIT_COLUMNS)
                 ]
                 conn.execute(f"INSERT INTO audit ({columns}) VALUES {', '.join([row] * len(batch))}", values)
+                named = [(r.request_id, p, r.time) for r in batch for p in r.patients]
+                for first in range(0, len(named), _AUDIT_ROWS):
+                    part = named[first : first + _AUDIT_ROWS]
+                    conn.execute(
+                        f"INSERT INTO audit_patients VALUES {', '.join(['(?, ?, ?)'] * len(part))}",
+                        [value for item in part for value in item],
+                    )
 
     def audit(
-        self, patient: str | None = None, limit: int = 1000, before: int | None = None
+        self,
+        patient: str | None = None,
+        limit: int = 1000,
+        before: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[AuditRecord]:
+        """Records newest first: all of them, or those naming ``patient`` (among every patient
+        the response carried); ``before``: a record id (the cursor of the next page);
+        ``since``/``until``: request times, ``since`` <= time < ``until``."""
         where: list[str] = []
         params: list[Any] = []
+        source = "audit a"
         if patient is not None:
-            where.append("patient = ?")
+            # From the patient's entries (an index range), not a walk of the whole log.
+            source = "audit_patients ap JOIN audit a ON a.request_id = ap.request_id"
+            where.append("ap.patient = ?")
             params.append(patient)
-        if before is not None:
-            where.append("id < ?")
-            params.append(before)
-        sql = "SELECT * FROM audit" + (f" WHERE {' AND '.join(where)}" if where else "")
-        rows = self._rows(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
-        return [AuditRecord(**{**dict(r), "emergency": bool(r["emergency"])}) for r in rows]
+        for condition, value in (("a.id < ?", before), ("a.time >= ?", since), ("a.time < ?", until)):
+            if value is not None:
+                where.append(condition)
+                params.append(value)
+        sql = f"SELECT a.* FROM {source}" + (f" WHERE {' AND '.join(where)}" if where else "")
+        rows = self._rows(sql + " ORDER BY a.id DESC LIMIT ?", (*params, limit))
+        records = [dict(r) for r in rows]
+        named: dict[str, list[str]] = {}
+        if records:
+            marks = ",".join("?" * len(records))
+            for request_id, name in self._rows(
+                f"SELECT request_id, patient FROM audit_patients WHERE request_id IN ({marks})",
+                [r["request_id"] for r in records],
+            ):
+                named.setdefault(request_id, []).append(name)
+        return [
+            AuditRecord(
+                **{**r, "emergency": bool(r["emergency"])}, patients=tuple(named.get(r["request_id"], ()))
+            )
+            for r in records
+        ]
 
     def audit_count(self) -> int:
         return int(self._rows("SELECT COUNT(*) FROM audit")[0][0])

@@ -2,10 +2,15 @@
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which buffers nothing but costs a task and
 a stream per request, on the frame path too. The record is written when the response ends (or the
-client hangs up), so it holds the status and the body bytes actually sent.
+client hangs up), so it holds the status, the body bytes actually sent, and whether the body was
+complete.
 
-Handlers add what only they know to ``scope["state"]["audit"]`` (the patient, the source used,
-emergency rules); the action and the study come from the path here.
+Every request gets exactly one record, refusals decided here included, but for the health probe,
+the viewer's files and CORS preflights (none of them touches patient data). The action comes
+from the method and path (``_ACTIONS``), so a new route is audited without doing anything.
+Handlers add what only they know to ``scope["state"]["audit"]`` (the patients whose data the
+response carried, the source used, emergency rules). A record names a patient only for an
+authenticated caller: nobody can write into a patient's history without credentials.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import time
 from http.cookies import SimpleCookie
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.access.identity import Principal
+from gateway.access.identity import ANONYMOUS, Principal
 from gateway.access.record import AuditRecord
 from gateway.access.service import SESSION_COOKIE, Access
 from gateway.errors import GatewayError
+from gateway.redact import escape, redact
 
 __all__ = ["AccessMiddleware", "audit_of"]
 
@@ -31,36 +39,81 @@ log = logging.getLogger("gateway.http")
 
 _STUDY = re.compile(r"^/dicom-web/studies/([^/]+)")
 _QIDO = re.compile(
-    r"^/dicom-web(/studies(/[^/]+/series(/[^/]+/instances)?|/[^/]+/instances)?|/series|/instances)?$"
+    r"^/dicom-web(/studies(/[^/]+/series(/[^/]+/instances)?|/[^/]+/instances)?|/series|/instances)?/?$"
 )
+# (method, path, action): the first that matches names the request's action; "other" otherwise.
+_ACTIONS = [
+    (None, _QIDO, "query"),
+    (None, re.compile(r"^/dicom-web/studies/[^/]+(/.*)?/metadata$"), "metadata"),
+    (None, re.compile(r"^/dicom-web/studies/[^/]+(/.*)?$"), "retrieve"),
+    ("POST", re.compile(r"^/api/links/?$"), "link.create"),
+    ("GET", re.compile(r"^/api/links/?$"), "link.list"),
+    ("DELETE", re.compile(r"^/api/links/[^/]+$"), "link.revoke"),
+    (None, re.compile(r"^/link/"), "link.use"),
+    ("POST", re.compile(r"^/api/grants/?$"), "grant.create"),
+    ("GET", re.compile(r"^/api/grants/?$"), "grant.list"),
+    ("DELETE", re.compile(r"^/api/grants/[^/]+$"), "grant.revoke"),
+    ("POST", re.compile(r"^/api/hidden/?$"), "study.hide"),
+    ("GET", re.compile(r"^/api/hidden/?$"), "hidden.list"),
+    ("DELETE", re.compile(r"^/api/hidden/[^/]+$"), "study.unhide"),
+    ("POST", re.compile(r"^/api/emergency/?$"), "emergency.open"),
+    ("GET", re.compile(r"^/api/emergency/?$"), "emergency.list"),
+    ("GET", re.compile(r"^/api/audit/?$"), "audit.read"),
+    (None, re.compile(r"^/IHEInvokeImageDisplay/?$"), "viewer.open"),
+]
 _SECURITY = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),  # link secrets and UIDs never leave in a Referer
     (b"x-frame-options", b"SAMEORIGIN"),
 ]
 _SESSIONLESS = ("/link/", "/viewer", "/health")
+# Patient data and the API's answers are never kept by a shared cache (a proxy, a CDN) nor
+# written to a browser's disk cache: every read is checked against the policy and audited.
 _NO_STORE = [(b"cache-control", b"no-store")]
-_UNAUDITED = ("/health", "/viewer", "/api/audit")  # static files, probes, and reading the log itself
+_UNAUDITED = ("/health", "/viewer")  # probes and static files: no patient data
+_AUTH_THREADS = 8  # worker threads for identity checks (key fetches, session reads)
 
 
 def audit_of(scope: Scope) -> dict[str, Any]:
-    """What a handler knows about the request for its audit record (patient, source, ...)."""
+    """What a handler knows about the request for its audit record (patients, source, ...)."""
     return scope.setdefault("state", {}).setdefault("audit", {})
 
 
-def _action(path: str) -> str | None:
-    if path.startswith("/dicom-web"):
-        if _QIDO.match(path):
-            return "query"
-        return "metadata" if path.endswith("/metadata") else "retrieve"
-    return None
+def action_of(method: str, path: str) -> str:
+    """The audit action of a request."""
+    for wanted, pattern, action in _ACTIONS:
+        if (wanted is None or wanted == method) and pattern.match(path):
+            return action
+    return "other"
+
+
+def logged_path(path: str) -> str:
+    """A request path as it may appear in a log line or an audit record: no secret, one line."""
+    return escape(redact(path), 512)
 
 
 class AccessMiddleware:
     def __init__(self, app: ASGIApp, access: Access) -> None:
         self.app = app
         self.access = access
+        self.starlette: Any = None  # set by create_app: the application's route table
+        self._limiter: anyio.CapacityLimiter | None = None
         self.origins = set(access.config.cors_origins)
+        hsts = access.server.hsts_seconds
+        self._hsts = [(b"strict-transport-security", f"max-age={hsts}".encode())] if hsts else []
+
+    async def _principal(self, authorization: str | None, session: str | None) -> Principal:
+        """Who is calling, without blocking the event loop: a token seen before is a lookup;
+        anything else (keys to fetch, a session to read) runs in a worker thread of a pool of its
+        own, so an identity provider that hangs cannot take the threads that serve data."""
+        known = self.access.remembered(authorization, session)
+        if known is not None:
+            return known
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(_AUTH_THREADS)
+        return await anyio.to_thread.run_sync(
+            self.access.principal, authorization, session, limiter=self._limiter
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,10 +140,12 @@ class AccessMiddleware:
                 preflight.raw_headers += extra
                 await preflight(scope, receive, send)
                 return
-        if path.startswith(("/api", "/link")):
+        if not path.startswith(_UNAUDITED):
             extra += _NO_STORE
+        if scope.get("scheme") == "https":  # as the trusted proxy said, or a TLS listener
+            extra += self._hsts
         state = scope.setdefault("state", {})
-        sent = {"status": 0, "bytes": 0}
+        sent = {"status": 0, "bytes": 0, "complete": False}
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -98,20 +153,22 @@ class AccessMiddleware:
                 message["headers"] = list(message.get("headers", [])) + extra
             elif message["type"] == "http.response.body":
                 sent["bytes"] += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    sent["complete"] = True
             await send(message)
 
         # A link's session matters for data only: an old cookie must not stand in the way of the
         # viewer's files, a health probe, or opening another link.
         session = None if path.startswith(_SESSIONLESS) else _session(headers.get("cookie"))
         try:
-            principal = self.access.principal(headers.get("authorization"), session)
+            principal = await self._principal(headers.get("authorization"), session)
         except GatewayError as exc:
-            principal = Principal(role="anonymous", actor="anonymous")
+            principal = ANONYMOUS
             state["principal"] = principal
             response = PlainTextResponse(exc.message + "\n", status_code=exc.status)
             if exc.status == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
-            log.info("%s %s -> %d: %s", scope["method"], path, exc.status, exc.message)
+            log.info("%s %s -> %d: %s", scope["method"], logged_path(path), exc.status, exc.message)
             await response(scope, receive, send_with_headers)
             self._record(scope, principal, request_id, started, sent, headers, exc.message)
             return
@@ -128,30 +185,34 @@ class AccessMiddleware:
         principal: Principal,
         request_id: str,
         started: float,
-        sent: dict[str, int],
+        sent: dict[str, Any],
         headers: dict[str, str],
         refusal: str | None,
     ) -> None:
         path: str = scope["path"]
-        if path.startswith(_UNAUDITED) or scope["method"] == "OPTIONS":
+        if path.startswith(_UNAUDITED):
             return
         noted = audit_of(scope)
-        action = noted.get("action") or _action(path)
-        if action is None:
-            return  # not an access to imaging (a 404 outside the known resources)
         status = sent["status"] or 499  # the client hung up before any response started
-        outcome = "success" if status < 400 else "denied" if status in (401, 403, 404) else "error"
+        if status >= 400:
+            outcome = "denied" if status in (401, 403, 404) else "error"
+        else:
+            outcome = "success" if sent["complete"] else "incomplete"
         study = noted.get("study") or (m.group(1) if (m := _STUDY.match(path)) else None)
+        patients: list[str] = []
+        if principal.role != "anonymous":  # unauthenticated noise never enters a history
+            patients = [p for p in (noted.get("patient"), *noted.get("patients", ())) if p]
+            if principal.role == "patient" and not patients:
+                patients = [principal.ins or ""]
         client = scope.get("client")
         record = AuditRecord(
             time=started,
             request_id=request_id,
             actor=principal.actor,
             role="emergency" if noted.get("emergency") else principal.role,
-            action=action,
+            action=action_of(scope["method"], path),
             outcome=outcome,
             status=status,
-            patient=noted.get("patient", principal.ins),
             study=study,
             organization=principal.organization,
             emergency=bool(noted.get("emergency")),
@@ -159,7 +220,10 @@ class AccessMiddleware:
             source=noted.get("source"),
             bytes_sent=sent["bytes"],
             client=client[0] if client else None,
-            path=path if not path.startswith("/link/") else "/link/…",  # never the link's secret
+            path=path,  # AuditRecord redacts (no link secret) and bounds it
+            ended=time.time(),
+            issuer=principal.issuer,
+            patients=tuple(patients),
         )
         self.access.audit.append(record)
 

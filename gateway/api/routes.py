@@ -13,13 +13,15 @@ Invoke Image Display.
     DELETE /api/hidden/{uid}       patient: show again
     POST   /api/emergency          emergency role: {"patient": "<INS>", "reason"} -> time-limited access
     GET    /api/emergency          patient: emergency accesses to their studies
-    GET    /api/audit              patient: who accessed what (?format=fhir|dicom for exports)
+    GET    /api/audit              patient: who accessed what, newest first, paged (limit, before,
+                                   since, until; a Link to the next page); ?format=fhir|dicom
     GET    /IHEInvokeImageDisplay  ?requestType=STUDY&studyUID=... | PATIENT&patientID=...
 """
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -30,15 +32,18 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from gateway.access.export import audit_bundle, dicom_audit_message
-from gateway.access.identity import Principal
+from gateway.access.identity import Principal, grantee_key
 from gateway.access.service import SESSION_COOKIE, Access
 from gateway.api.middleware import audit_of
 from gateway.errors import Forbidden, NotFound, RequestError, Unauthenticated
+from gateway.redact import escape
 
 __all__ = ["api_routes"]
 
 _VIEWER = "/viewer/viewer"  # OHIF's route for one or more studies
 _MAX_BODY = 64 * 1024
+_AUDIT_PAGE = 1000  # records per page of the access history, at most
+_IID_STUDIES = 100  # studies one Invoke Image Display may open
 
 
 def _json(value: Any, status: int = 200) -> Response:
@@ -92,6 +97,42 @@ def _seconds(body: dict[str, Any], key: str, maximum: float, default: float | No
     return float(value)
 
 
+def _number(value: str | None, name: str, low: int, high: int, default: int | None = None) -> int | None:
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or len(value) > 19 or not low <= int(value) <= high:
+        raise RequestError(f"{name}: an integer from {low} to {high} is required")
+    return int(value)
+
+
+def _moment(value: str | None, name: str) -> float | None:
+    """An ISO 8601 date or date-time (UTC unless it says otherwise) as seconds since the epoch."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value[:64])
+    except ValueError:
+        raise RequestError(f"{name}: an ISO 8601 date-time is required (2026-12-01T08:00:00Z)") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _grantee_issuer(body: dict[str, Any], issuers: list[str]) -> str:
+    """The issuer a grant names its grantee within: the body's ``issuer``, or the one
+    professional issuer configured. An RPPS means someone only at the issuer that vouches for it."""
+    named = body.get("issuer")
+    if named is not None:
+        if named not in issuers:
+            raise RequestError(
+                f"issuer: not one of the professional issuers ({', '.join(issuers) or 'none'})"
+            )
+        return str(named)
+    if len(issuers) != 1:
+        raise RequestError(
+            f"issuer: required, one of the professional issuers ({', '.join(issuers) or 'none'})"
+        )
+    return issuers[0]
+
+
 def _iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
@@ -100,6 +141,7 @@ def _iso(epoch: float | None) -> str | None:
 
 def api_routes(access: Access) -> list[Route]:
     store, policy = access.store, access.policy
+    professional_issuers = [i.issuer for i in access.config.issuers if i.role == "professional"]
 
     async def run(function: Any, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(function, *args)
@@ -109,49 +151,62 @@ def api_routes(access: Access) -> list[Route]:
     async def create_link(request: Request) -> Response:
         principal = _principal(request)
         noted = audit_of(request.scope)
-        noted["action"] = "link.create"
         body = await _body(request)
         study = _string(body, "StudyInstanceUID")
         noted["study"] = study
         expires_in = _seconds(body, "expires_in", access.config.max_link_days * 86400, default=86400)
         assert expires_in is not None
-        allowed = await run(policy.check_study, principal, study)  # only what the caller may see
+        # Only a study that exists and the caller may see (the policy's uniform refusal otherwise).
+        allowed = await run(policy.check_study, principal, study)
         noted["patient"] = allowed.patient
         if principal.role == "professional" and allowed.emergency:
             raise Forbidden("links cannot be made under emergency access")
+        # A professional's link lives on the patient's grant: kept with the link, checked at each use.
+        basis = principal.grantee_keys if principal.role == "professional" else ()
         link, secret = await run(
-            store.add_link, study, allowed.patient, principal.actor, principal.role, time.time() + expires_in
+            store.add_link,
+            study,
+            allowed.patient,
+            principal.key,
+            principal.role,
+            time.time() + expires_in,
+            basis,
         )
-        url = str(request.base_url).rstrip("/") + f"/link/{secret}"
+        # From the configuration, never from the request's Host header (which the client writes).
+        url = f"{access.server.base_url}/link/{secret}"
         return _json({"id": link["id"], "url": url, "expires_at": _iso(link["expires"])}, 201)
 
     async def list_links(request: Request) -> Response:
         principal = _principal(request)
         everything = request.query_params.get("all", "").lower() in ("1", "true", "yes")
-        links = await run(store.links, principal.actor, everything)
+        # A patient sees every link to their studies, whoever made it (and can revoke it).
+        mine = principal.ins if principal.role == "patient" else None
+        links = await run(store.links, principal.key, everything, 1000, mine)
         return _json([_link_json(link) for link in links])
 
     async def revoke_link(request: Request) -> Response:
         principal = _principal(request)
         noted = audit_of(request.scope)
-        noted["action"] = "link.revoke"
-        link = await run(store.revoke_link, principal.actor, request.path_params["id"])
+        mine = principal.ins if principal.role == "patient" else None
+        link = await run(store.revoke_link, principal.key, request.path_params["id"], mine)
         if link is None:
-            raise NotFound(f"no active link {request.path_params['id']} of yours")
+            raise NotFound(f"no active link {escape(request.path_params['id'], 64)} of yours")
         noted["study"], noted["patient"] = link["StudyInstanceUID"], link["patient"]
         policy.forget()
         return Response(status_code=204)
 
     async def use_link(request: Request) -> Response:
         noted = audit_of(request.scope)
-        noted["action"] = "link.use"
         link = await run(store.link_by_secret, request.path_params["secret"])
         now = time.time()
+        gone = NotFound("this study link does not exist, has expired or was revoked")
         if link is None or link["revoked"] is not None or link["expires"] <= now:
-            raise NotFound("this study link does not exist, has expired or was revoked")
+            raise gone
         noted["study"], noted["patient"] = link["StudyInstanceUID"], link["patient"]
         if await run(store.is_hidden, link["StudyInstanceUID"]):
-            raise NotFound("this study link does not exist, has expired or was revoked")
+            raise gone
+        if not await run(store.link_consented, link["id"], now):
+            raise gone  # the grant it was made under was revoked or has expired
         expires = min(link["expires"], now + access.config.session_minutes * 60)
         session = await run(store.add_session, link["id"], expires)
         target = f"{_VIEWER}?{urlencode({'StudyInstanceUIDs': link['StudyInstanceUID']})}"
@@ -163,7 +218,9 @@ def api_routes(access: Access) -> list[Route]:
             path="/",
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            # Behind a TLS proxy the scheme comes from a trusted X-Forwarded-Proto, or the
+            # configured public URL says https.
+            secure=request.url.scheme == "https" or access.server.base_url.startswith("https:"),
         )
         return response
 
@@ -171,11 +228,15 @@ def api_routes(access: Access) -> list[Route]:
 
     async def create_grant(request: Request) -> Response:
         principal = _patient(request)
-        noted = audit_of(request.scope)
-        noted["action"], noted["patient"] = "grant.create", principal.ins
         body = await _body(request)
         grantee = _string(body, "grantee")
-        key = grantee if grantee.startswith("org:") else f"pro:{grantee.removeprefix('pro:')}"
+        issuer = _grantee_issuer(body, professional_issuers)
+        kind, _, identifier = (
+            grantee.rpartition(":") if grantee.startswith(("org:", "pro:")) else ("pro", "", grantee)
+        )
+        if not identifier or "|" in identifier:
+            raise RequestError("grantee: an RPPS, pro:<RPPS> or org:<FINESS>")
+        key = grantee_key(kind, issuer, identifier)
         expires_in = _seconds(body, "expires_in", 10 * 365 * 86400)
         expires = time.time() + expires_in if expires_in else None
         grant = await run(store.add_grant, principal.ins, key, expires)
@@ -188,17 +249,14 @@ def api_routes(access: Access) -> list[Route]:
 
     async def revoke_grant(request: Request) -> Response:
         principal = _patient(request)
-        noted = audit_of(request.scope)
-        noted["action"], noted["patient"] = "grant.revoke", principal.ins
         if not await run(store.revoke_grant, principal.ins, request.path_params["id"]):
-            raise NotFound(f"no active grant {request.path_params['id']} of yours")
+            raise NotFound(f"no active grant {escape(request.path_params['id'], 64)} of yours")
         policy.forget()
         return Response(status_code=204)
 
     async def hide(request: Request) -> Response:
         principal = _patient(request)
         noted = audit_of(request.scope)
-        noted["action"], noted["patient"] = "study.hide", principal.ins
         study = _string(await _body(request), "StudyInstanceUID")
         noted["study"] = study
         await run(policy.check_study, principal, study)  # their own study only (404 otherwise)
@@ -214,9 +272,9 @@ def api_routes(access: Access) -> list[Route]:
         principal = _patient(request)
         noted = audit_of(request.scope)
         study = request.path_params["uid"]
-        noted["action"], noted["patient"], noted["study"] = "study.unhide", principal.ins, study
+        noted["study"] = study
         if not await run(store.unhide, study, principal.ins):
-            raise NotFound(f"study {study} is not hidden")
+            raise NotFound(f"study {escape(study, 64)} is not hidden")
         policy.forget()
         return Response(status_code=204)
 
@@ -225,7 +283,7 @@ def api_routes(access: Access) -> list[Route]:
     async def open_emergency(request: Request) -> Response:
         principal = _principal(request)
         noted = audit_of(request.scope)
-        noted["action"], noted["emergency"] = "emergency.open", True
+        noted["emergency"] = True
         if principal.role != "professional" or not principal.emergency:
             raise Forbidden(
                 "emergency access is for the roles configured as emergency (auth.issuers.emergency_roles)"
@@ -237,9 +295,7 @@ def api_routes(access: Access) -> list[Route]:
             raise RequestError("reason: say why (at least 10 characters); it is shown to the patient")
         noted["patient"], noted["reason"] = patient, reason
         expires = time.time() + access.config.emergency_minutes * 60
-        row = await run(
-            store.open_emergency, patient, principal.actor, principal.organization, reason, expires
-        )
+        row = await run(store.open_emergency, patient, principal.key, principal.organization, reason, expires)
         policy.forget()
         return _json({"id": row["id"], "patient": patient, "expires_at": _iso(expires)}, 201)
 
@@ -249,7 +305,8 @@ def api_routes(access: Access) -> list[Route]:
         return _json(
             [
                 {
-                    "actor": r["actor"],
+                    "actor": r["actor"].rpartition("|")[2],
+                    "issuer": r["actor"].rpartition("|")[0] or None,
                     "organization": r["organization"],
                     "reason": r["reason"],
                     "opened_at": _iso(r["created"]),
@@ -265,27 +322,40 @@ def api_routes(access: Access) -> list[Route]:
         principal = _principal(request)
         if principal.role not in ("patient", "open"):
             raise Forbidden("the access history is the patient's (a patient token)")
+        params = request.query_params
+        kind = params.get("format", "json")
+        if kind not in ("json", "fhir", "dicom"):
+            raise RequestError(f"format: {escape(kind, 32)!r} is not json, fhir or dicom")
+        limit = _number(params.get("limit"), "limit", 1, _AUDIT_PAGE, default=100) or 100
+        before = _number(params.get("before"), "before", 1, 2**62)
+        since, until = _moment(params.get("since"), "since"), _moment(params.get("until"), "until")
         await run(access.audit.flush)  # include what is still queued
-        records = await run(store.audit, principal.ins if principal.role == "patient" else None)
-        kind = request.query_params.get("format", "json")
+        patient = principal.ins if principal.role == "patient" else None
+        records = await run(store.audit, patient, limit + 1, before, since, until)
+        # A page, newest first; the next one is linked (RFC 8288) whenever more records exist:
+        # no history is ever cut silently.
+        headers, following = {}, None
+        if len(records) > limit:
+            records = records[:limit]
+            query = {k: v for k, v in params.items() if k != "before"} | {"before": str(records[-1].id)}
+            following = f"{access.server.base_url}/api/audit?{urlencode(query)}"
+            headers["Link"] = f'<{following}>; rel="next"'
         if kind == "fhir":
-            return Response(
-                orjson.dumps(audit_bundle(records, "gateway")), media_type="application/fhir+json"
-            )
+            bundle = audit_bundle(records, "gateway", following)
+            return Response(orjson.dumps(bundle), media_type="application/fhir+json", headers=headers)
         if kind == "dicom":
             # One document holding the messages: each one's own XML declaration is dropped.
             messages = (dicom_audit_message(r, "gateway").split(b"?>", 1)[-1].strip() for r in records)
             body = b"<?xml version='1.0' encoding='utf-8'?>\n<AuditMessages>\n" + b"\n".join(messages)
-            return Response(body + b"\n</AuditMessages>", media_type="application/xml")
-        if kind != "json":
-            raise RequestError(f"format: {kind!r} is not json, fhir or dicom")
-        return _json([_audit_json(r) for r in records])
+            return Response(body + b"\n</AuditMessages>", media_type="application/xml", headers=headers)
+        response = _json([_audit_json(r) for r in records])
+        response.headers.update(headers)
+        return response
 
     # -- IHE Invoke Image Display (IHE RAD TF-2 4.106) ----------------------------------------------
 
     async def invoke_image_display(request: Request) -> Response:
         noted = audit_of(request.scope)
-        noted["action"] = "viewer.open"
         params = request.query_params
         kind = params.get("requestType", "").upper()
         principal = request.scope["state"]["principal"]
@@ -293,19 +363,28 @@ def api_routes(access: Access) -> list[Route]:
             studies = [uid for uid in params.get("studyUID", "").split(",") if uid]
             if not studies:
                 raise RequestError("studyUID: required for requestType=STUDY")
+            if len(studies) > _IID_STUDIES:
+                raise RequestError(f"studyUID: at most {_IID_STUDIES} studies")
+            patients: list[str] = []
+            emergency = False
             for study in studies:
-                noted["study"] = study
                 allowed = await run(policy.check_study, principal, study)
-                noted["patient"], noted["emergency"] = allowed.patient, allowed.emergency
+                patients.append(allowed.patient or "")
+                emergency |= allowed.emergency
+            # Every patient whose study the viewer is opened on, in the one record.
+            noted["patients"], noted["emergency"] = [p for p in patients if p], emergency
+            if len(studies) == 1:
+                noted["study"] = studies[0]
             return RedirectResponse(f"{_VIEWER}?{urlencode({'StudyInstanceUIDs': ','.join(studies)})}", 303)
         if kind == "PATIENT":
             patient = params.get("patientID")
             if not patient:
                 raise RequestError("patientID: required for requestType=PATIENT")
-            noted["patient"] = patient
+            allowed = await run(policy.check_patient, principal, patient)
+            noted["patient"], noted["emergency"] = patient, allowed.emergency
             # The study list, filtered by the viewer's own QIDO (which the policy filters again).
             return RedirectResponse(f"/viewer/?mrn={quote(patient)}", 303)
-        raise RequestError(f"requestType: {kind or 'missing'} is not STUDY or PATIENT")
+        raise RequestError(f"requestType: {escape(kind, 32) or 'missing'} is not STUDY or PATIENT")
 
     return [
         Route("/api/links", create_link, methods=["POST"]),
@@ -336,9 +415,12 @@ def _link_json(link: dict[str, Any]) -> dict[str, Any]:
 
 
 def _grant_json(grant: dict[str, Any]) -> dict[str, Any]:
+    kind, _, named = grant["grantee"].partition(":")
+    issuer, _, identifier = named.rpartition("|")
     return {
         "id": grant["id"],
-        "grantee": grant["grantee"].removeprefix("pro:"),
+        "grantee": identifier if kind == "pro" else f"org:{identifier}",
+        "issuer": issuer or None,
         "created_at": _iso(grant["created"]),
         "expires_at": _iso(grant["expires"]),
         "revoked_at": _iso(grant["revoked"]),
@@ -346,6 +428,8 @@ def _grant_json(grant: dict[str, Any]) -> dict[str, Any]:
 
 
 def _audit_json(record: Any) -> dict[str, Any]:
-    out = {k: v for k, v in vars(record).items() if v is not None}
+    out = {k: v for k, v in vars(record).items() if v is not None and v != ()}
     out["time"] = _iso(record.time)
+    if record.ended is not None:
+        out["ended"] = _iso(record.ended)
     return out

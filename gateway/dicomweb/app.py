@@ -23,13 +23,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway import __version__
 from gateway.access.identity import Principal
 from gateway.access.service import Access
-from gateway.api.middleware import AccessMiddleware, audit_of
+from gateway.api.middleware import AccessMiddleware, audit_of, logged_path
 from gateway.api.routes import api_routes
 from gateway.dicomweb.metadata import retrieve_metadata
 from gateway.dicomweb.retrieve import retrieve_bulk, retrieve_frames, retrieve_instances
 from gateway.dicomweb.search import search
 from gateway.dicomweb.streaming import SizedStream
 from gateway.errors import GatewayError
+from gateway.redact import escape
 from gateway.service import Gateway
 from gateway.viewer.routes import viewer_routes
 
@@ -69,8 +70,18 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
             scope = scope_of(request) if "study" in request.path_params else {}
             if scope:
                 allow(request, scope["StudyInstanceUID"])
-            restriction = policy.restriction(request.scope["state"]["principal"])
-            return await search(request, gateway.registry, level, scope, base_url(request), restriction)
+            principal = request.scope["state"]["principal"]
+            restriction = policy.restriction(principal)
+            patients: set[str] = set()
+            response = await search(
+                request, gateway.registry, level, scope, base_url(request), restriction, patients
+            )
+            # The record names every patient whose studies the answer carried, and whether any
+            # was seen by emergency rules only.
+            noted = audit_of(request.scope)
+            noted["patients"] = sorted(patients)
+            noted["emergency"] = noted.get("emergency") or policy.emergency_among(principal, patients)
+            return response
 
         return endpoint
 
@@ -131,23 +142,24 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
         if exc.status == 401:
             headers = {"WWW-Authenticate": 'Bearer realm="gateway"'}
             return PlainTextResponse(exc.message + "\n", status_code=exc.status, headers=headers)
+        path = logged_path(request.url.path)
         if exc.status >= 500:
-            log.error("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+            log.error("%s %s -> %d: %s", request.method, path, exc.status, exc.message)
         else:
-            log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+            log.info("%s %s -> %d: %s", request.method, path, exc.status, exc.message)
         return PlainTextResponse(exc.message + "\n", status_code=exc.status)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         detail = exc.detail
         if exc.status_code == 404:
-            detail = f"no DICOMweb resource at {request.url.path}"
+            detail = f"no resource at {logged_path(request.url.path)}"
         elif exc.status_code == 405:
-            detail = f"{request.method} is not supported on {request.url.path} (read-only gateway)"
+            detail = f"{escape(request.method, 16)} is not supported on {logged_path(request.url.path)}"
         return PlainTextResponse(f"{detail}\n", status_code=exc.status_code, headers=exc.headers)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("%s %s failed", request.method, request.url.path)
+        log.exception("%s %s failed", request.method, logged_path(request.url.path))
         return PlainTextResponse(f"internal error: {type(exc).__name__}\n", status_code=500)
 
     app = Starlette(
@@ -178,4 +190,6 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
             response = await (gateway_error if isinstance(exc, GatewayError) else unexpected)(request, exc)
         await response(scope, receive, send)
 
-    return AccessMiddleware(with_frames_fast_path, access)
+    wrapped = AccessMiddleware(with_frames_fast_path, access)
+    wrapped.starlette = app  # the route table, for tests that must cover every route
+    return wrapped

@@ -16,7 +16,7 @@ from pydicom.datadict import tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import NotFound
+from gateway.dicomweb.scope import not_found
 from gateway.registry.attributes import COMPUTED, LEVEL_COLUMNS, vr_of
 from gateway.registry.database import Row
 from gateway.registry.qido import (
@@ -56,10 +56,12 @@ async def search(
     scope: dict[str, str],
     base_url: str,
     restriction: Restriction | None = None,
+    patients: set[str] | None = None,
 ) -> Response:
-    """``restriction``: what the caller may see (the access policy's); the rest is left out."""
+    """``restriction``: what the caller may see (the access policy's); the rest is left out.
+    ``patients``: filled with the patient of every result (INS, else PatientID), for the audit."""
     query = replace(parse_qido(request.query_params.multi_items(), level, scope), restriction=restriction)
-    results, cut = await anyio.to_thread.run_sync(_run, registry, query, base_url)
+    results, cut = await anyio.to_thread.run_sync(_run, registry, query, base_url, patients)
     headers = {}
     if cut:
         # PS3.18 8.3.4.4: tell the client that more results exist than were returned.
@@ -70,7 +72,9 @@ async def search(
     return Response(orjson.dumps(results), media_type=DICOM_JSON, headers=headers)
 
 
-def _run(registry: Registry, query: Query, base_url: str) -> tuple[list[dict[str, Any]], bool]:
+def _run(
+    registry: Registry, query: Query, base_url: str, patients: set[str] | None = None
+) -> tuple[list[dict[str, Any]], bool]:
     if query.scope:
         _check_scope(registry, query.scope)
     sql, params, limit = plan_query(registry, query)
@@ -79,6 +83,9 @@ def _run(registry: Registry, query: Query, base_url: str) -> tuple[list[dict[str
     rows = rows[:limit]
     if not rows:
         return [], cut
+    if patients is not None:
+        patients.update(row["INS"] or row["PatientID"] or "" for row in rows)
+        patients.discard("")
     returned = list(query.returned)
     if query.include_all:
         returned += [k for k in _level_attributes(query.level) if k not in returned]
@@ -202,9 +209,9 @@ def _check_scope(registry: Registry, scope: dict[str, str]) -> None:
         if not registry.query(
             "SELECT 1 FROM series WHERE SeriesInstanceUID=? AND StudyInstanceUID=?", (series, study)
         ):
-            raise NotFound(f"series {series} not found in study {study}")
+            raise not_found(scope)
     elif study is not None and not registry.query("SELECT 1 FROM studies WHERE StudyInstanceUID=?", (study,)):
-        raise NotFound(f"study {study} not found")
+        raise not_found(scope)
 
 
 def _stored_metadata(registry: Registry, level: str, row: Row) -> dict[str, Any]:

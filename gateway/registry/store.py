@@ -303,6 +303,14 @@ class Registry:
             )
         return list(by_instance.values())
 
+    def study_patient(self, study: str) -> tuple[bool, str | None]:
+        """Whether ``study`` is indexed, and its patient's INS (None when the files carry none)."""
+        rows = self.query(
+            "SELECT p.INS FROM studies st JOIN patients p ON p.id = st.patient WHERE st.StudyInstanceUID = ?",
+            (study,),
+        )
+        return (True, rows[0][0] or None) if rows else (False, None)
+
     def metadata(self, where: str, params: tuple[Any, ...]) -> list[bytes]:
         rows = self.query(_in_study_order("i.metadata", where, with_locations=False), params)
         return [row[0] for row in rows]

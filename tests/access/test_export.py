@@ -49,11 +49,19 @@ EVENTS = [
     ("study.hide", "110113", "E"),
     ("study.unhide", "110113", "E"),
     ("emergency.open", "110113", "E"),
+    ("link.list", "110112", "E"),
+    ("grant.list", "110112", "E"),
+    ("hidden.list", "110112", "E"),
+    ("emergency.list", "110112", "E"),
+    ("audit.read", "110101", "R"),
+    ("other", "110113", "E"),
 ]
-OUTCOME_CODES = [("success", "0"), ("denied", "4"), ("error", "8")]
+OUTCOME_CODES = [("success", "0"), ("denied", "4"), ("error", "8"), ("incomplete", "8")]
 
 
 def record(**changes: object) -> AuditRecord:
+    if "patient" in changes and "patients" not in changes:  # patients holds the patient too
+        changes["patients"] = (changes["patient"],) if changes["patient"] else ()
     return dataclasses.replace(RECORD, **changes)
 
 

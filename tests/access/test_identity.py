@@ -1,5 +1,6 @@
 """Bearer tokens against an issuer's JWKS served over HTTP (on loopback): keys fetched, cached, and
-fetched again when the issuer rotates to a key the gateway has not seen."""
+fetched again when the issuer rotates to a key the gateway has not seen. (An issuer that hangs or
+fails: tests/security/test_idp.py.)"""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ class Keys:
         self.published.append({**jwk, "kid": kid, "alg": "RS256", "use": "sig"})
         return key
 
+    def retire(self, kid: str) -> None:
+        self.published = [jwk for jwk in self.published if jwk["kid"] != kid]
+
 
 @pytest.fixture
 def jwks() -> Iterator[tuple[Keys, str]]:
@@ -52,7 +56,7 @@ def jwks() -> Iterator[tuple[Keys, str]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield keys, f"http://127.0.0.1:{server.server_port}/certs"
@@ -99,3 +103,93 @@ def test_an_unreachable_key_set_refuses_the_token_and_names_the_issuer(jwks):
     auth = authenticator("http://127.0.0.1:9/certs")
     with pytest.raises(Unauthenticated, match=ISSUER):
         auth.principal(token(key, "k1"))
+
+
+def test_a_retired_key_is_refused_once_the_rotated_set_is_fetched(jwks, monkeypatch):
+    keys, url = jwks
+    first = keys.publish("k1")
+    auth = authenticator(url)
+    auth.principal(token(first, "k1"))
+    second = keys.publish("k2")
+    keys.retire("k1")  # the issuer rotates: k2 in, k1 out
+    monkeypatch.setattr(identity, "_REFRESH", 0.0)
+    assert auth.principal(token(second, "k2")).actor == "10001"
+    monkeypatch.setattr(identity, "_REFRESH", 10.0)
+    assert auth.principal(token(second, "k2", sub="10002")).actor == "10002"
+    with pytest.raises(Unauthenticated, match="'k1' is not among"):
+        auth.principal(token(first, "k1", sub="10003"))  # signed with the retired key, never seen before
+    assert keys.fetches == 2
+
+
+def test_tokens_naming_unknown_keys_fetch_the_set_at_most_every_10_s(jwks, monkeypatch):
+    keys, url = jwks
+    key = keys.publish("k1")
+    auth = authenticator(url)
+    auth.principal(token(key, "k1"))
+    for n in range(20):
+        with pytest.raises(Unauthenticated, match="is not among"):
+            auth.principal(token(key, f"made-up-{n}"))
+    assert keys.fetches == 1
+    monkeypatch.setattr(identity, "_REFRESH", 0.0)  # as if 10 s had passed
+    with pytest.raises(Unauthenticated, match="is not among"):
+        auth.principal(token(key, "made-up-20"))
+    assert keys.fetches == 2
+
+
+def test_keys_are_fetched_again_after_their_lifetime(jwks, monkeypatch):
+    monkeypatch.setattr(identity, "_LIFETIME", 0.2)
+    keys, url = jwks
+    key = keys.publish("k1")
+    auth = authenticator(url)
+    auth.principal(token(key, "k1"))
+    keys.publish("k2")
+    keys.retire("k1")
+    time.sleep(0.25)
+    with pytest.raises(Unauthenticated, match="'k1' is not among"):
+        auth.principal(token(key, "k1", sub="10002"))
+    assert keys.fetches == 2
+
+
+@pytest.mark.parametrize(
+    "jwk, algorithms",
+    [
+        ({"kty": "RSA", "alg": "RS256"}, ["RS256"]),
+        ({"kty": "RSA"}, ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]),
+        ({"kty": "EC", "crv": "P-384"}, ["ES384"]),
+        ({"kty": "EC", "crv": ["P-256"]}, []),
+        ({"kty": "OKP", "crv": "Ed25519"}, ["EdDSA"]),
+        ({"kty": "RSA", "alg": "RSA-OAEP"}, []),
+        ({"kty": "oct", "alg": "HS256"}, []),
+        ({"kty": "oct"}, []),
+    ],
+    ids=["alg", "rsa", "ec", "ec-bad-crv", "okp", "encryption", "hmac", "oct"],
+)
+def test_a_key_verifies_only_its_own_algorithms_and_never_hmac(jwk, algorithms):
+    assert identity._algorithms_of(jwk) == algorithms
+
+
+def test_keys_of_no_use_here_are_skipped_and_the_signing_key_kept(jwks):
+    keys, url = jwks
+    key = keys.publish("k1")
+    keys.published[:0] = [
+        {**keys.published[0], "kid": "enc", "use": "enc", "alg": "RSA-OAEP"},
+        {"kty": "oct", "kid": "secret", "k": "c2VjcmV0"},
+        {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
+    ]
+    auth = authenticator(url)
+    assert auth.principal(token(key, "k1")).actor == "10001"
+    with pytest.raises(Unauthenticated, match="'enc' is not among"):
+        auth.principal(token(key, "enc"))
+
+
+def test_a_rewritten_jwks_file_is_read_again_for_a_key_it_lacked(tmp_path):
+    path = tmp_path / "jwks.json"
+    keys = Keys()
+    first = keys.publish("k1")
+    path.write_bytes(orjson.dumps({"keys": keys.published}))
+    issuer = Issuer(issuer=ISSUER, audience="gateway", jwks_file=path)
+    auth = Authenticator(AuthConfig(issuers=(issuer,)))
+    auth.principal(token(first, "k1"))
+    second = keys.publish("k2")
+    path.write_bytes(orjson.dumps({"keys": keys.published}))
+    assert auth.principal(token(second, "k2")).actor == "10001"
