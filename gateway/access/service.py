@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import time
 
+import jwt
+
 from gateway.access.audit import AuditLog
 from gateway.access.identity import ANONYMOUS, OPEN, Authenticator, Principal
 from gateway.access.policy import Policy
@@ -25,6 +27,7 @@ class Access:
     def __init__(self, config: Config, registry: Registry) -> None:
         self.config = config.auth
         self.server = config.server
+        self._issuers = {issuer.issuer for issuer in config.auth.issuers}
         self.store = AccessStore(config.access_database)
         professionals = [i.issuer for i in config.auth.issuers if i.role == "professional"]
         if len(professionals) == 1 and (count := self.store.qualify_grantees(professionals[0])):
@@ -49,6 +52,19 @@ class Access:
         if session:
             return None
         return OPEN if self.config.open else ANONYMOUS
+
+    def pool_of(self, authorization: str | None) -> str:
+        """Which identity worker pool a request that needs one waits in: one per configured
+        issuer (named by the token's unverified ``iss``), one for link sessions, one for the rest,
+        so that an identity provider that hangs holds up its own tokens only."""
+        if not authorization:
+            return "session"
+        try:
+            issuer = jwt.decode(authorization.partition(" ")[2].strip(), options={"verify_signature": False})
+        except (jwt.PyJWTError, ValueError, TypeError):
+            return "other"
+        named = issuer.get("iss") if isinstance(issuer, dict) else None
+        return named if isinstance(named, str) and named in self._issuers else "other"
 
     def principal(self, authorization: str | None, session: str | None) -> Principal:
         """The caller, from an ``Authorization: Bearer`` header or a link's session cookie."""

@@ -97,7 +97,7 @@ class AccessMiddleware:
         self.app = app
         self.access = access
         self.starlette: Any = None  # set by create_app: the application's route table
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}  # per issuer (Access.pool_of)
         self.origins = set(access.config.cors_origins)
         hsts = access.server.hsts_seconds
         self._hsts = [(b"strict-transport-security", f"max-age={hsts}".encode())] if hsts else []
@@ -105,15 +105,16 @@ class AccessMiddleware:
     async def _principal(self, authorization: str | None, session: str | None) -> Principal:
         """Who is calling, without blocking the event loop: a token seen before is a lookup;
         anything else (keys to fetch, a session to read) runs in a worker thread of a pool of its
-        own, so an identity provider that hangs cannot take the threads that serve data."""
+        own per issuer, so an identity provider that hangs cannot take the threads that serve data,
+        nor those that check another issuer's tokens or a link's session."""
         known = self.access.remembered(authorization, session)
         if known is not None:
             return known
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(_AUTH_THREADS)
-        return await anyio.to_thread.run_sync(
-            self.access.principal, authorization, session, limiter=self._limiter
-        )
+        pool = self.access.pool_of(authorization)
+        limiter = self._limiters.get(pool)
+        if limiter is None:
+            limiter = self._limiters[pool] = anyio.CapacityLimiter(_AUTH_THREADS)
+        return await anyio.to_thread.run_sync(self.access.principal, authorization, session, limiter=limiter)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -254,12 +254,18 @@ def test_a_hanging_identity_provider_does_not_stall_other_callers(idp, tmp_path,
                 started = time.monotonic()
                 response = await http.get(path, headers=headers)
                 timings[name] = (response.status_code, started, time.monotonic())
-                if name == "hanging":
+                if name.startswith("hanging"):
                     assert f"keys of issuer {IDP} unavailable" in response.text
 
             studies = "/dicom-web/studies"
             async with anyio.create_task_group() as group:
                 group.start_soon(get, "hanging", studies, 0.0, {"Authorization": f"Bearer {forged(0)}"})
+                # More new tokens of the hanging issuer than it has identity threads: they hold up
+                # its own tokens only (a pool per issuer), not another issuer's nor a session's.
+                for n in range(1, 12):
+                    group.start_soon(
+                        get, f"hanging {n}", studies, 0.05, {"Authorization": f"Bearer {forged(n)}"}
+                    )
                 # The others start once the hanging one waits for its keys in a worker thread.
                 psc_token = token(psc_key, "p1", issuer=PSC)
                 group.start_soon(get, "other issuer", studies, 0.3, {"Authorization": f"Bearer {psc_token}"})
@@ -274,6 +280,8 @@ def test_a_hanging_identity_provider_does_not_stall_other_callers(idp, tmp_path,
         gateway.registry.close()
     status, started, finished = timings.pop("hanging")
     assert status == 401 and 1.9 < finished - started < 2.5
+    for n in range(1, 12):
+        assert timings.pop(f"hanging {n}")[0] == 401
     assert timings["other issuer"][0] == 200
     for name, (_, begun, ended) in timings.items():
         assert ended - begun < 0.5, f"{name} took {ended - begun:.2f} s while the IdP hung"
