@@ -161,6 +161,7 @@ def _serve(config: Config, host: str | None, port: int | None, harvest: bool) ->
     import uvicorn
 
     from gateway.dicomweb.app import create_app
+    from gateway.dicomweb.protocol import BoundedHttpToolsProtocol
     from gateway.service import Gateway
 
     host = host or config.server.host
@@ -187,6 +188,7 @@ def _serve(config: Config, host: str | None, port: int | None, harvest: bool) ->
     proxies = config.server.trusted_proxies
     uvicorn.run(
         app,
+        http=BoundedHttpToolsProtocol,  # request heads bounded (uvicorn keeps them whole)
         host=host,
         port=port,
         log_level="info",

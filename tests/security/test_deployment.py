@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -135,6 +136,21 @@ def test_without_trusted_proxies_forwarded_headers_are_ignored(deployment, serve
     assert "strict-transport-security" not in response.headers
     assert response.headers["cache-control"] == "no-store"  # never in a shared cache
     assert history(served, deployment)[1]["client"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("size", "status"), [(8_000, 401), (60_000, 401), (2_000_000, 431)])
+def test_a_request_head_is_bounded_at_the_connection(served, size, status):
+    """uvicorn keeps a request's head whole: past 64 KiB the connection answers 431 and closes."""
+    host, port = urlsplit(served).hostname, urlsplit(served).port
+    with socket.create_connection((host, port), timeout=10) as connection:
+        head = b"GET /dicom-web/studies HTTP/1.1\r\nHost: gateway\r\nX-Junk: " + b"a" * size
+        try:
+            connection.sendall(head + b"\r\n\r\n")
+        except OSError:
+            pass  # the server may close before it has read everything
+        answer = connection.recv(200)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert httpx.get(f"{served}/health").status_code == 200
 
 
 def test_open_access_refuses_to_listen_beyond_loopback(tmp_path):
