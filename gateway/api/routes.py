@@ -67,9 +67,12 @@ def _patient(request: Request) -> Principal:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > _MAX_BODY:
-        raise RequestError("request body too large")
+    # Read as it arrives and stopped past the bound: request.body() would hold any size whole.
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > _MAX_BODY:
+            raise RequestError(f"request body larger than {_MAX_BODY} bytes")
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError as exc:

@@ -176,3 +176,22 @@ def test_an_anonymous_iid_request_for_a_patient_does_not_enter_their_history(sit
         assert response.status_code == 401
     history = site.get("/api/audit", patient(site)).json()
     assert all(record["role"] != "anonymous" for record in history)
+
+
+# -- bounded bodies -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", [r for r in TABLE if r.method == "POST"], ids=route_id)
+def test_a_body_past_the_bound_is_refused_without_being_held(site, route):
+    site.post("/api/grants", {"grantee": "10001"}, patient(site))
+    body = b'{"x": "' + b"a" * 2_000_000 + b'"}'
+    for token in (patient(site), doctor(site)):
+        response = site.client.request(
+            "POST",
+            targets(site)["alice-1"].url(route),
+            content=body,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert response.status_code in (400, 403), response.text
+        if response.status_code == 400:
+            assert "larger than 65536 bytes" in response.text
