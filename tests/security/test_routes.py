@@ -185,13 +185,17 @@ def test_an_anonymous_iid_request_for_a_patient_does_not_enter_their_history(sit
 def test_a_body_past_the_bound_is_refused_without_being_held(site, route):
     site.post("/api/grants", {"grantee": "10001"}, patient(site))
     body = b'{"x": "' + b"a" * 2_000_000 + b'"}'
-    for token in (patient(site), doctor(site)):
+    samu = site.token(PSC, sub="20002", roles=["samu"])
+    refused = []
+    for token in (patient(site), doctor(site), samu):
         response = site.client.request(
             "POST",
             targets(site)["alice-1"].url(route),
             content=body,
             headers={"Authorization": f"Bearer {token}"},
         )
-        assert response.status_code in (400, 403), response.text
+        assert response.status_code in (400, 403), response.text  # 403: the caller may not post here
         if response.status_code == 400:
             assert "larger than 65536 bytes" in response.text
+            refused.append(token)
+    assert refused, "no caller got as far as the body"
