@@ -423,6 +423,8 @@ def _source(item: Any, where: str, base: Path, index: int) -> SourceConfig:
     url = _typed(item, f"{where}.url", str, None)
     if not url or not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.url: missing or not an http(s) URL (the upstream DICOMweb base)")
+    if "@" in urlsplit(url).netloc:
+        raise ConfigError(f"{where}.url: credentials in the URL; give them in {where}.headers")
     headers = _typed(item, f"{where}.headers", dict, {})
     for key, value in headers.items():
         if not isinstance(value, str):

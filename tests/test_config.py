@@ -71,6 +71,18 @@ def test_embedded_default_serves_the_fixtures_on_loopback(tmp_path):
         ),
         ("[registry\n", "not valid TOML"),
         ("[registry]\n", "registry.url: missing"),
+        (
+            "[registry]\nurl='sqlite:///a.db'\n[[sources]]\nname='a'\nkind='dicomweb'\n"
+            "url='https://user:pw@pacs.example/dicom-web'\n",
+            "sources[0].url: credentials in the URL",
+        ),
+        ("[server]\npublic_url = 'ftp://x'\n", "server.public_url"),
+        ("[server]\ntrusted_proxies = ['not-an-address']\n", "server.trusted_proxies"),
+        ("[server]\nhsts_seconds = -1\n", "server.hsts_seconds"),
+        (
+            "[registry]\nurl='sqlite:///a.db'\n[auth]\nopen = true\nopen_beyond_loopback = 'yes'\n",
+            "auth.open_beyond_loopback",
+        ),
     ],
     ids=[
         "port-type",
@@ -82,6 +94,11 @@ def test_embedded_default_serves_the_fixtures_on_loopback(tmp_path):
         "duplicate-name",
         "toml-syntax",
         "registry-missing",
+        "url-credentials",
+        "public-url",
+        "trusted-proxies",
+        "hsts",
+        "open-beyond-loopback",
     ],
 )
 def test_bad_config_gets_one_line_naming_the_key(tmp_path, text, words):
