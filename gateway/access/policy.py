@@ -28,6 +28,7 @@ professionals with a grant and to the patient's links, but not in the patient's 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -35,12 +36,14 @@ from collections import OrderedDict
 from gateway.access.identity import Principal
 from gateway.access.store import AccessStore
 from gateway.errors import Forbidden, NotFound, Unauthenticated
+from gateway.redact import escape
 from gateway.registry.qido import Restriction
 from gateway.registry.store import Registry
 
 __all__ = ["Policy", "StudyAccess"]
 
 _FRESH = 1.0  # seconds a decision may be reused
+_UID = re.compile(r"[0-9.]{1,64}")
 _STUDIES = 4096  # study -> patient INS lookups remembered (facts of the index, not decisions)
 
 
@@ -55,7 +58,7 @@ class StudyAccess:
 
 
 def _unseen(what: str) -> NotFound:
-    return NotFound(f"{what} not found")
+    return NotFound(f"{escape(what, 80)} not found")
 
 
 def _no_access(principal: Principal, what: str) -> Forbidden:
@@ -65,7 +68,7 @@ def _no_access(principal: Principal, what: str) -> Forbidden:
         if principal.emergency
         else "the patient can grant it from the portal"
     )
-    return Forbidden(f"{what}: no access for {principal.actor} (if it exists here, {hint})")
+    return Forbidden(f"{escape(what, 80)}: no access for {principal.actor} (if it exists here, {hint})")
 
 
 class Policy:
@@ -104,18 +107,22 @@ class Policy:
 
     def check_study(self, principal: Principal, study: str) -> StudyAccess:
         """May ``principal`` read ``study``? Raises the refusal (see the module docstring)."""
-        decision = self._cached(principal, study, lambda: self._decide(principal, study))
+        if not _UID.fullmatch(study):  # decided without a lookup, and not remembered
+            decision = self._decide(principal, study)
+        else:
+            decision = self._cached(principal, study, lambda: self._decide(principal, study))
         if isinstance(decision, Exception):
             raise decision
         assert isinstance(decision, StudyAccess)
         return decision
 
     def _decide(self, principal: Principal, study: str) -> StudyAccess | Exception:
-        exists, patient = self.study_patient(study)
-        if principal.role == "open":
-            return StudyAccess(patient, False) if exists else NotFound(f"study {study} not found")
         if principal.role == "anonymous":
             return Unauthenticated("credentials are needed (Authorization: Bearer <token>, or a study link)")
+        # Not a UID (PS3.5 9.1: digits and dots, at most 64): no study, and nothing to look up.
+        exists, patient = self.study_patient(study) if _UID.fullmatch(study) else (False, None)
+        if principal.role == "open":
+            return StudyAccess(patient, False) if exists else _unseen(f"study {study}")
         if principal.role == "patient":
             return StudyAccess(patient, False) if exists and patient == principal.ins else _unseen(study)
         refusal = _unseen(study) if principal.role == "link" else _no_access(principal, study)

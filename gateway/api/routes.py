@@ -90,7 +90,9 @@ def _string(body: dict[str, Any], key: str) -> str:
 
 
 def _seconds(body: dict[str, Any], key: str, maximum: float, default: float | None = None) -> float | None:
-    value = body.get(key, default)
+    value = body.get(key)
+    if value is None:  # absent, or null: the default
+        value = default
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:

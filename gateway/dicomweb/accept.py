@@ -8,6 +8,7 @@ resource without transcoding: a part media type and the transfer syntax its byte
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 from gateway.errors import NotAcceptable, RequestError
@@ -22,7 +23,16 @@ __all__ = [
     "IMPLICIT_LE",
     "BIG_ENDIAN",
     "DEFLATED",
+    "MAX_ACCEPT_LENGTH",
+    "MAX_MEDIA_RANGES",
+    "MAX_RANGE_PARAMETERS",
 ]
+
+# Bounds on an Accept header (a 400 naming the bound past them). A viewer sends one or a few media
+# ranges of two or three parameters each; a client listing every transfer syntax, ~25 ranges.
+MAX_ACCEPT_LENGTH = 8192  # characters
+MAX_MEDIA_RANGES = 64
+MAX_RANGE_PARAMETERS = 16  # parameters of one media range, q included
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -80,6 +90,8 @@ class Offer:
 
 def parse_accept(header: str | None) -> list[MediaRange]:
     """Media ranges by decreasing weight (stable for equal weights); q=0 ranges are dropped."""
+    if header is not None and len(header) > MAX_ACCEPT_LENGTH:  # before the cache keeps it
+        raise RequestError(f"Accept: at most {MAX_ACCEPT_LENGTH} characters (got {len(header)})")
     return list(_parse_accept(header))
 
 
@@ -88,28 +100,43 @@ def _parse_accept(header: str | None) -> tuple[MediaRange, ...]:
     if header is None or not header.strip():
         return (MediaRange("*/*"),)
     ranges: list[MediaRange] = []
-    for item in _split(header, ","):
-        if not item.strip():
-            continue
+    items = [item for item in _split(header, ",") if item.strip()]
+    if len(items) > MAX_MEDIA_RANGES:
+        raise RequestError(f"Accept: at most {MAX_MEDIA_RANGES} media ranges (got {len(items)})")
+    for item in items:
         pieces = _split(item, ";")
         media = pieces[0].strip().lower()
         if "/" not in media:
-            raise RequestError(f"Accept: {media!r} is not a media type")
+            raise RequestError(f"Accept: {_shown(media)} is not a media type")
+        if len(pieces) - 1 > MAX_RANGE_PARAMETERS:
+            raise RequestError(f"Accept: at most {MAX_RANGE_PARAMETERS} parameters in a media range")
         params: dict[str, str] = {}
         q = 1.0
         for piece in pieces[1:]:
             name, _, value = piece.partition("=")
             name, value = name.strip().lower(), value.strip().strip('"')
             if name == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    raise RequestError(f"Accept: q={value!r} is not a number") from None
+                q = _weight(value)
             elif name:
                 params[name] = value
         if q > 0:
             ranges.append(MediaRange(media, params, q))
     return tuple(sorted(ranges, key=lambda r: -r.q))
+
+
+def _weight(value: str) -> float:
+    """A q parameter: a weight from 0 to 1 (RFC 9110 12.4.2)."""
+    try:
+        q = float(value)
+    except ValueError:
+        raise RequestError(f"Accept: q={_shown(value)} is not a number") from None
+    if not (math.isfinite(q) and 0 <= q <= 1):
+        raise RequestError(f"Accept: q={_shown(value)} is not a weight from 0 to 1")
+    return q
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 64 else f"{text[:64]!r}... ({len(text)} characters)"
 
 
 def _split(text: str, separator: str) -> list[str]:

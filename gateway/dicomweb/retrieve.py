@@ -9,6 +9,7 @@ carry a Content-Length; remote ones are sent chunked.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,7 +40,13 @@ from gateway.stream.transcode import to_explicit_little_endian
 
 __all__ = ["retrieve_instances", "retrieve_frames", "retrieve_bulk", "parse_frame_numbers"]
 
-_MAX_FRAMES_PER_REQUEST = 10_000
+_MAX_FRAMES_PER_REQUEST = 10_000  # when the instance's own count is unknown (a remote source)
+_MAX_FRAME_NUMBER = 2**31 - 1  # NumberOfFrames is an IS (PS3.5 6.2)
+_FRAME_NUMBER = re.compile(r"[0-9]{1,10}")
+# A BulkDataURI's path, as the index writes them (gateway.registry.dicomjson): a tag, or a sequence's
+# tag, an item index and a tag, and so on, at most as deep as the index reads sequences.
+_MAX_BULK_DEPTH = 32
+_BULK_PATH = re.compile(r"[0-9A-Fa-f]{8}(/[0-9]{1,9}/[0-9A-Fa-f]{8}){0," + str(_MAX_BULK_DEPTH) + "}")
 _SMALL_RESPONSE = 4 * 1024 * 1024  # frame responses up to this size are sent from one buffer
 _NOT_FOR_WEB = {IMPLICIT_LE, BIG_ENDIAN}  # PS3.18 8.7.3.3.1
 
@@ -200,18 +207,42 @@ def _frame_offers(location: Location) -> list[Offer]:
 
 
 def parse_frame_numbers(text: str, count: int) -> list[int]:
-    numbers = []
-    for item in text.split(","):
+    """The frame numbers of a frame list for an instance of ``count`` frames (-1: not known).
+
+    PS3.18 10.4.1 (the frames resource; worded in PS3.18 2017b 6.5.4): "a comma or %2C separated
+    list of one or more non duplicate frame numbers", in any order. A list without duplicates that
+    is longer than the instance names a frame it does not have (404); a list is never split past
+    the instance's frame count or, when it is not known, ``_MAX_FRAMES_PER_REQUEST``."""
+    bound = max(count, _MAX_FRAMES_PER_REQUEST)
+    items = text.split(",", bound)  # one more item than the bound: the rest of a longer list
+    if len(items) > bound:
+        raise RequestError(f"frame list: at most {bound} frames in one request for this instance")
+    numbers: list[int] = []
+    seen: set[int] = set()
+    for item in items:
         item = item.strip()
-        if not item.isdigit() or int(item) < 1:
-            raise RequestError(f"frame list: {item!r} is not a frame number (frames count from 1)")
-        numbers.append(int(item))
-    if len(numbers) > _MAX_FRAMES_PER_REQUEST:
-        raise RequestError(f"frame list: more than {_MAX_FRAMES_PER_REQUEST} frames in one request")
-    missing = [n for n in numbers if n > count]
+        if not _FRAME_NUMBER.fullmatch(item) or not 1 <= int(item) <= _MAX_FRAME_NUMBER:
+            raise RequestError(
+                f"frame list: {_shown(item)} is not a frame number (frames count from 1, "
+                f"up to {_MAX_FRAME_NUMBER})"
+            )
+        number = int(item)
+        if number in seen:
+            raise RequestError(
+                f"frame list: frame {number} is asked for twice (PS3.18 10.4.1: a list of "
+                "non-duplicate frame numbers)"
+            )
+        seen.add(number)
+        numbers.append(number)
+    missing = [n for n in numbers if n > count >= 0]
     if missing:
         raise NotFound(f"frame {missing[0]} does not exist: the instance has {count} frame(s)")
     return numbers
+
+
+def _shown(text: str) -> str:
+    """Request text for a message, cut when long."""
+    return repr(text) if len(text) <= 32 else f"{text[:32]!r}... ({len(text)} characters)"
 
 
 def _pixel_location(location: Location) -> dict[str, Any]:
@@ -226,15 +257,24 @@ def _pixel_location(location: Location) -> dict[str, Any]:
 
 
 async def retrieve_frames(
-    request: Request, gateway: Gateway, scope: dict[str, str], frame_list: str
+    request: Request, gateway: Gateway, scope: dict[str, str], frame_list: str | None
 ) -> Response | SizedStream:
+    """``frame_list``: the request's (None: every frame, for the pixel data's BulkDataURI)."""
     alternatives = _alternatives(gateway, scope)
     _pixel_location(alternatives[0])  # 404 for an instance without pixels, before any Accept error
     ranges = parse_accept(request.headers.get("accept"))
     choices = _choices(ranges, alternatives, _frame_offers, "application/octet-stream")
     count = framemap.frame_count(_pixel_location(choices[0][0]))
     # An unknown count (a PACS that does not say at harvest): the source refuses missing frames.
-    numbers = parse_frame_numbers(frame_list, count if count >= 0 else _MAX_FRAMES_PER_REQUEST * 1000)
+    if frame_list is not None:
+        numbers = parse_frame_numbers(frame_list, count)
+    elif count >= 0:
+        numbers = list(range(1, count + 1))
+    else:
+        raise RequestError(
+            f"instance {scope['SOPInstanceUID']}: its source did not say how many frames it holds; "
+            "ask for them by number (/frames/1,2,...)"
+        )
     meta: dict[str, int] = {}
     located, first, rest = await gateway.federation.open(
         [location for location, _ in choices],
@@ -302,10 +342,12 @@ async def retrieve_bulk(
 ) -> Response | SizedStream:
     alternatives = _alternatives(gateway, scope)
     if tag_path.upper() == "7FE00010":
-        count = framemap.frame_count(_pixel_location(alternatives[0]))
-        return await retrieve_frames(request, gateway, scope, ",".join(str(n) for n in range(1, count + 1)))
-    if len(tag_path.split("/")) % 2 != 1:
-        raise RequestError(f"bulk data path {tag_path!r} is malformed (TAG[/index/TAG]...)")
+        return await retrieve_frames(request, gateway, scope, None)
+    if not _BULK_PATH.fullmatch(tag_path):
+        raise RequestError(
+            f"bulk data path {_shown(tag_path)} is malformed: expected TAG[/index/TAG]... (tags of "
+            f"8 hex digits, at most {_MAX_BULK_DEPTH} sequences deep)"
+        )
     negotiate(
         parse_accept(request.headers.get("accept")),
         [Offer("application/octet-stream", EXPLICIT_LE)],

@@ -6,6 +6,8 @@ from gateway.errors import NotFound
 
 __all__ = ["where", "not_found"]
 
+_SHOWN = 64  # the longest UID (PS3.5 9.1); a longer path segment is cut in messages
+
 
 def where(scope: dict[str, str]) -> tuple[str, tuple[str, ...]]:
     """SQL over instances ``i`` and series ``se`` selecting the instances under ``scope``."""
@@ -20,11 +22,17 @@ def where(scope: dict[str, str]) -> tuple[str, tuple[str, ...]]:
 
 
 def not_found(scope: dict[str, str]) -> NotFound:
+    study = _shown(scope["StudyInstanceUID"])
     if "SOPInstanceUID" in scope:
         return NotFound(
-            f"instance {scope['SOPInstanceUID']} not found in series "
-            f"{scope['SeriesInstanceUID']} of study {scope['StudyInstanceUID']}"
+            f"instance {_shown(scope['SOPInstanceUID'])} not found in series "
+            f"{_shown(scope['SeriesInstanceUID'])} of study {study}"
         )
     if "SeriesInstanceUID" in scope:
-        return NotFound(f"series {scope['SeriesInstanceUID']} not found in study {scope['StudyInstanceUID']}")
-    return NotFound(f"study {scope['StudyInstanceUID']} not found")
+        return NotFound(f"series {_shown(scope['SeriesInstanceUID'])} not found in study {study}")
+    return NotFound(f"study {study} not found")
+
+
+def _shown(uid: str) -> str:
+    """A UID from the path, for a message: whole when it could be one, else cut and said so."""
+    return uid if len(uid) <= _SHOWN else f"{uid[:_SHOWN]}... ({len(uid)} characters)"

@@ -131,14 +131,9 @@ def vr_of(keyword: str) -> str:
 
 def resolve_attribute(name: str) -> str | None:
     """A QIDO attribute given as a keyword or as 8 hex digits, as its keyword; None if unknown."""
-    if len(name) == 8:
-        try:
-            tag = int(name, 16)
-        except ValueError:
-            tag = None
-        if tag is not None:
-            keyword = keyword_for_tag(tag)
-            return keyword or None
+    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
+        # int(..., 16) alone also takes "-0000001", "0x100010" and "1_000010"
+        return keyword_for_tag(int(name, 16)) or None
     if tag_for_keyword(name) is not None:
         return name
     return None

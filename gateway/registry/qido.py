@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from gateway.errors import QueryError
 from gateway.registry.attributes import (
     DEFAULTS,
@@ -32,11 +34,36 @@ __all__ = [
 ]  # fmt: skip
 
 MAX_RESULTS = 1000  # a larger page is cut, with a Warning header (PS3.18 8.3.4.4)
+
+# Bounds on what a query may ask (a 400 naming the parameter and the bound past them): far above
+# what a viewer sends (OHIF: limit=101, a few includefields, a name of a word or two), far below
+# what would cost the database (SQLite refuses an expression tree deeper than 1,000 terms and more
+# than 32,766 bound parameters; PostgreSQL 65,535 parameters).
+MAX_LIMIT = 2**31 - 1  # accepted, and answered with at most MAX_RESULTS (and a Warning when cut)
+MAX_OFFSET = 100_000  # the database walks every skipped row
+MAX_VALUE_LENGTH = 1024  # characters of one matching value (ST's own bound, PS3.5 6.2)
+MAX_LIST = 1000  # values in a UID or CS value list
+MAX_FUZZY_WORDS = 16  # words of a name matched with fuzzymatching=true, each one a condition
+MAX_INCLUDEFIELDS = 256  # includefield entries, all includefield parameters together
+_INTEGERS = {  # PS3.5 6.2: the range of each integer VR among the matching keys
+    "IS": (-(2**31), 2**31 - 1),
+    "SL": (-(2**31), 2**31 - 1),
+    "SS": (-(2**15), 2**15 - 1),
+    "UL": (0, 2**32 - 1),
+    "US": (0, 2**16 - 1),
+}
+_INLINE = 64  # a restriction with more values is bound as one array parameter (see _in)
 _CONTROL = {"limit", "offset", "fuzzymatching", "includefield"}
 _WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}  # PS3.4 C.2.2.2.4
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_DATE = re.compile(r"^[0-9]{8}$")
-_TIME = re.compile(r"^[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?$")
+# fullmatch everywhere: "$" would let a trailing newline through, "\d" any Unicode digit.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_DATE = re.compile(r"[0-9]{8}")
+_TIME = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")
+_DIGITS = re.compile(r"[0-9]+")
+_INTEGER = re.compile(r" *[+-]?[0-9]{1,12} *")  # IS: at most 12 characters, spaces allowed
+_ATTRIBUTE = re.compile(r"[0-9A-Fa-f]{8}|[A-Za-z][A-Za-z0-9]{0,63}")  # a tag or a keyword
+_LIST_SEPARATORS = re.compile(r"[,\\]")
+_WORD_SEPARATORS = re.compile(r"[\s^=,*?]+")
 
 
 @dataclass(frozen=True)
@@ -83,16 +110,28 @@ class Query:
 
 
 def parse_qido(params: Iterable[tuple[str, str]], level: str, scope: dict[str, str] | None = None) -> Query:
-    """Parse query parameters (already percent-decoded) for a query at ``level``."""
+    """Parse query parameters (already percent-decoded) for a query at ``level``. Raises
+    ``QueryError`` (400) for what cannot be understood and for what is past one of the bounds
+    above, naming the parameter and the bound."""
     matches: dict[str, Match] = {}
     includefields: list[str] = []
+    entries = 0  # includefield entries seen
     include_all = False
     fuzzy = False
     limit: int | None = None
     offset = 0
+    given: set[str] = set()  # control parameters, each given once
     for name, value in params:
+        if name in ("fuzzymatching", "limit", "offset"):
+            if name in given:
+                raise QueryError(f"{name}: given more than once")
+            given.add(name)
         if name == "includefield":
-            for item in filter(None, (v.strip() for v in value.split(","))):
+            items = [v.strip() for v in value.split(",", MAX_INCLUDEFIELDS)]
+            entries += max(1, len(items))
+            if entries > MAX_INCLUDEFIELDS:
+                raise QueryError(f"includefield: at most {MAX_INCLUDEFIELDS} attributes in one query")
+            for item in filter(None, items):
                 if item == "all":
                     include_all = True
                     continue
@@ -101,15 +140,12 @@ def parse_qido(params: Iterable[tuple[str, str]], level: str, scope: dict[str, s
                     includefields.append(keyword)
         elif name == "fuzzymatching":
             if value not in ("true", "false"):
-                raise QueryError(f"fuzzymatching: expected true or false, got {value!r}")
+                raise QueryError(f"fuzzymatching: expected true or false, got {_shown(value)}")
             fuzzy = value == "true"
-        elif name in ("limit", "offset"):
-            if not value.isdigit():
-                raise QueryError(f"{name}: expected a non-negative integer, got {value!r}")
-            if name == "limit":
-                limit = int(value)
-            else:
-                offset = int(value)
+        elif name == "limit":
+            limit = _count(name, value, MAX_LIMIT)
+        elif name == "offset":
+            offset = _count(name, value, MAX_OFFSET)
         else:
             keyword = _attribute(name, "query key")
             if keyword not in MATCHING[level]:
@@ -117,6 +153,13 @@ def parse_qido(params: Iterable[tuple[str, str]], level: str, scope: dict[str, s
             if keyword in matches:
                 raise QueryError(f"{name}: given more than once")
             matches[keyword] = _match(keyword, value)
+    if fuzzy:
+        for match in matches.values():
+            if vr_of(match.keyword) == "PN" and match.values:
+                if len(_words(fold_text(match.values[0]))) > MAX_FUZZY_WORDS:
+                    raise QueryError(
+                        f"{match.keyword}: at most {MAX_FUZZY_WORDS} words with fuzzymatching=true"
+                    )
     return Query(
         level,
         tuple(matches.values()),
@@ -129,13 +172,52 @@ def parse_qido(params: Iterable[tuple[str, str]], level: str, scope: dict[str, s
     )
 
 
+def _shown(text: str, room: int = 64) -> str:
+    """``text`` for a message: quoted, and cut when long (a message must not echo a megabyte)."""
+    if len(text) <= room:
+        return repr(text)
+    return f"{text[:room]!r}... ({len(text)} characters)"
+
+
+def _key(name: str) -> str:
+    """A query key for a message: as given when short and printable, else as ``_shown``."""
+    return name if len(name) <= 64 and name.isprintable() else _shown(name)
+
+
+def _count(name: str, value: str, maximum: int) -> int:
+    """limit and offset: a non-negative integer up to ``maximum``."""
+    if not _DIGITS.fullmatch(value):
+        raise QueryError(f"{name}: expected a non-negative integer, got {_shown(value)}")
+    digits = value.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise QueryError(f"{name}: at most {maximum}, got {_shown(value, 24)}")
+    return int(digits)
+
+
 def _attribute(name: str, what: str) -> str:
     if "." in name:
-        raise QueryError(f"{name}: sequence attribute paths are not supported as {what}")
-    keyword = resolve_attribute(name)
+        raise QueryError(f"{_key(name)}: sequence attribute paths are not supported as {what}")
+    keyword = resolve_attribute(name) if _ATTRIBUTE.fullmatch(name) else None
     if keyword is None:
-        raise QueryError(f"{name}: unknown attribute (expected a DICOM keyword or 8 hex digits)")
+        raise QueryError(f"{_key(name)}: unknown attribute (expected a DICOM keyword or 8 hex digits)")
     return keyword
+
+
+def _words(folded: str) -> list[str]:
+    """The words of a name that fuzzy matching looks for (each must begin a name component)."""
+    return [word for word in _WORD_SEPARATORS.split(folded) if word]
+
+
+def _list(keyword: str, value: str) -> tuple[str, ...]:
+    if value.count(",") + value.count("\\") >= MAX_LIST:
+        raise QueryError(f"{keyword}: at most {MAX_LIST} values in a list")
+    values = tuple(v for v in _LIST_SEPARATORS.split(value) if v)
+    if not values:
+        raise QueryError(f"{keyword}: {_shown(value)} is a list without values")
+    for item in values:
+        if len(item) > MAX_VALUE_LENGTH:
+            raise QueryError(f"{keyword}: at most {MAX_VALUE_LENGTH} characters in a value")
+    return values
 
 
 def _match(keyword: str, value: str) -> Match:
@@ -143,31 +225,35 @@ def _match(keyword: str, value: str) -> Match:
     if value == "":
         return Match(keyword, "universal", ())
     if vr == "UI":
-        uids = tuple(v for v in re.split(r"[,\\]", value) if v)
+        uids = _list(keyword, value)
         for uid in uids:
-            if not _UID.match(uid) or len(uid) > 64:
-                raise QueryError(f"{keyword}: {uid!r} is not a UID")
+            if len(uid) > 64 or not _UID.fullmatch(uid):
+                raise QueryError(f"{keyword}: {_shown(uid)} is not a UID")
         return Match(keyword, "list" if len(uids) > 1 else "single", uids)
+    if vr == "CS" and ("," in value or "\\" in value):
+        return Match(keyword, "list", _list(keyword, value))
+    if len(value) > MAX_VALUE_LENGTH:
+        raise QueryError(f"{keyword}: at most {MAX_VALUE_LENGTH} characters in a value")
     if vr in ("DA", "TM"):
         pattern = _DATE if vr == "DA" else _TIME
         if "-" in value:
             low, _, high = value.partition("-")
             for part in (low, high):
-                if part and not pattern.match(part):
-                    raise QueryError(f"{keyword}: {value!r} is not a {vr} range")
+                if part and not pattern.fullmatch(part):
+                    raise QueryError(f"{keyword}: {_shown(value)} is not a {vr} range")
             if not low and not high:
                 raise QueryError(f"{keyword}: an empty range")
             return Match(keyword, "range", (low, high))
-        if not pattern.match(value):
-            raise QueryError(f"{keyword}: {value!r} is not a valid {vr} value")
+        if not pattern.fullmatch(value):
+            raise QueryError(f"{keyword}: {_shown(value)} is not a valid {vr} value")
         return Match(keyword, "single", (value,))
-    if vr in ("IS", "US", "UL", "SS", "SL"):
-        try:
-            return Match(keyword, "single", (str(int(value)),))
-        except ValueError:
-            raise QueryError(f"{keyword}: {value!r} is not an integer") from None
-    if vr == "CS" and ("," in value or "\\" in value):
-        return Match(keyword, "list", tuple(v for v in re.split(r"[,\\]", value) if v))
+    if vr in _INTEGERS:
+        least, most = _INTEGERS[vr]
+        if not _INTEGER.fullmatch(value) or not least <= int(value) <= most:
+            raise QueryError(
+                f"{keyword}: expected an integer from {least} to {most} ({vr}), got {_shown(value)}"
+            )
+        return Match(keyword, "single", (str(int(value)),))
     if vr in _WILDCARD_VRS and ("*" in value or "?" in value):
         return Match(keyword, "wildcard", (value,))
     return Match(keyword, "single", (value,))
@@ -218,7 +304,7 @@ def compile_query(
     for match in _patient_identity(query.matches, where, params):
         _condition(match, query.fuzzy, where, params)
     if query.restriction is not None:
-        _restrict(query.restriction, where, params)
+        _restrict(query.restriction, where, params, dialect)
     # The computed attributes (counts, ModalitiesInStudy) are columns kept by the registry's
     # writes: worked out per answer, they were most of a 1,000-result page's SQL.
     selects = ["p.*", "st.*"]
@@ -292,7 +378,7 @@ def names_first_below(patients: float, studies: float, page: int) -> int:
     return max(1, int(patients * min(1.0, (page / studies) ** 0.5)))
 
 
-def _restrict(restriction: Restriction, where: list[str], params: list[Any]) -> None:
+def _restrict(restriction: Restriction, where: list[str], params: list[Any], dialect: str) -> None:
     # What the caller may not see is left out silently (the access policy's rule for QIDO).
     for column_name, values, negate in (
         ("p.INS", restriction.patients, False),
@@ -304,8 +390,21 @@ def _restrict(restriction: Restriction, where: list[str], params: list[Any]) -> 
         if not values:
             where.append("1 = 0")  # nothing is visible
             continue
-        where.append(f"{column_name} {'NOT IN' if negate else 'IN'} ({','.join('?' * len(values))})")
-        params.extend(sorted(values))
+        where.append(_in(column_name, sorted(values), negate, dialect, params))
+
+
+def _in(column_name: str, values: list[str], negate: bool, dialect: str, params: list[Any]) -> str:
+    """``column IN (values)``. A long list (an organization's grants may cover thousands of
+    patients) is one parameter, an array, rather than one parameter per value: SQLite takes at
+    most 32,766 parameters in a statement and PostgreSQL 65,535."""
+    if len(values) <= _INLINE:
+        params.extend(values)
+        return f"{column_name} {'NOT IN' if negate else 'IN'} ({','.join('?' * len(values))})"
+    if dialect == "postgresql":
+        params.append(values)  # psycopg sends a list as an array
+        return f"{column_name} {'<> ALL' if negate else '= ANY'}(?)"
+    params.append(orjson.dumps(values).decode())
+    return f"{column_name} {'NOT IN' if negate else 'IN'} (SELECT value FROM json_each(?))"
 
 
 def _patient_identity(matches: tuple[Match, ...], where: list[str], params: list[Any]) -> list[Match]:
@@ -379,9 +478,7 @@ def _name_condition(
     if fuzzy:
         # Each query word must begin some component of the name (family, given, ...): for the
         # patient's name, a prefix search in its word table (an index range).
-        for word in re.split(r"[\s^=,*?]+", folded):
-            if not word:
-                continue
+        for word in _words(folded):
             if col == "p.PatientName":
                 where.append("p.id IN (SELECT w.patient FROM patient_words w WHERE w.word GLOB ?)")
                 params.append(_Glob(f"{_glob_escape(word)}*"))

@@ -29,6 +29,8 @@ from starlette.responses import FileResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from gateway.redact import escape
+
 __all__ = ["VIEWER_PREFIX", "CONTENT_SECURITY_POLICY", "app_config_js", "viewer_routes"]
 
 VIEWER_PREFIX = "/viewer"
@@ -182,15 +184,21 @@ class ViewerApp:
         rest = request.url.path.removeprefix(self.prefix).lstrip("/")
         if rest == "app-config.js":
             return self._body(request, self.config_js, "text/javascript", _etag(self.config_js))
-        path = (root / rest).resolve()
-        if rest and path.is_relative_to(root) and path.is_file():
+        try:
+            path = (root / rest).resolve()
+            found = bool(rest) and path.is_relative_to(root) and path.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long: no such file
+            found = False
+        if found:
             return self._file(request, path, rest)
         # Client-side routes (/viewer/viewer?StudyInstanceUIDs=...) are the app's own page.
         # A missing asset (a name with a dot, not asked for as a page) gets a 404 instead, so a
         # broken chunk shows as such rather than as HTML parsed as JavaScript.
         last = rest.rsplit("/", 1)[-1]
         if "." in last and "text/html" not in request.headers.get("accept", ""):
-            return PlainTextResponse(f"no file {request.url.path} in the viewer\n", status_code=404)
+            return PlainTextResponse(
+                f"no file {escape(request.url.path, 256)} in the viewer\n", status_code=404
+            )
         return self._file(request, index, "index.html")
 
     def _file(self, request: Request, path: Path, rest: str) -> Response:
@@ -238,6 +246,9 @@ def _etag(body: bytes) -> str:
     return '"' + hashlib.sha1(body, usedforsecurity=False).hexdigest() + '"'
 
 
+_MAX_QUERY = 8192  # a redirect repeats the query: OHIF's are a few UIDs long
+
+
 def viewer_routes(
     viewer_dir: Path,
     prefix: str = VIEWER_PREFIX,
@@ -253,6 +264,9 @@ def viewer_routes(
         # OHIF's router wants the trailing slash; without a viewer, say so at once.
         if not (Path(viewer_dir) / "index.html").is_file():
             return PlainTextResponse(_NO_VIEWER.format(dir=viewer_dir), status_code=404)
-        return RedirectResponse(prefix + "/" + (f"?{request.url.query}" if request.url.query else ""))
+        query = request.url.query
+        if len(query) > _MAX_QUERY:
+            return PlainTextResponse(f"query string longer than {_MAX_QUERY} characters\n", status_code=400)
+        return RedirectResponse(prefix + "/" + (f"?{query}" if query else ""))
 
     return [Route(prefix, bare, methods=["GET", "HEAD"]), Mount(prefix, app=app)]

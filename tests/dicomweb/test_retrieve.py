@@ -148,7 +148,7 @@ def test_bad_frame_and_bulk_requests_are_refused_with_a_reason(client, datasets,
     [
         ("/dicom-web/studies/1.2.3", "study 1.2.3"),
         ("/dicom-web/studies/1.2.3/metadata", "study 1.2.3"),
-        ("/dicom-web/studies/1.2.3/series/4.5/instances/6.7/frames/1", "instance 6.7"),
+        ("/dicom-web/studies/1.2.3/series/4.5/instances/6.7/frames/1", "study 1.2.3"),  # the first unknown
     ],
     ids=["study", "metadata", "frames"],
 )

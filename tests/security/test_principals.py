@@ -65,3 +65,16 @@ def test_no_link_is_made_for_a_study_that_does_not_exist(site, who, status):
     token = patient(site) if who == "patient" else doctor(site)
     assert site.post("/api/links", {"StudyInstanceUID": MISSING}, token).status_code == status
     assert site.get("/api/links", token).json() == []
+
+
+def test_a_link_with_a_null_expiry_gets_the_default_one(site):
+    body = {"StudyInstanceUID": site.studies["alice-1"], "expires_in": None}
+    response = site.post("/api/links", body, patient(site))
+    assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize("who", ["patient", "professional"])
+def test_a_refusal_does_not_echo_a_huge_uid(site, who):
+    token = patient(site) if who == "patient" else doctor(site)
+    response = site.get("/dicom-web/studies/" + "9" * 60_000 + "/metadata", token)
+    assert response.status_code in (403, 404) and len(response.content) < 400

@@ -162,6 +162,17 @@ def test_files_outside_the_viewer_folder_are_not_served(tmp_path):
     assert "secret" not in response.text
 
 
+@pytest.mark.parametrize("name", ["%00", "a" * 300, "x/%00/y.js"], ids=["NUL", "too long", "NUL inside"])
+def test_a_name_no_file_can_have_is_not_found_rather_than_an_error(tmp_path, name):
+    response = get(fake_dist(tmp_path / "viewer"), f"/viewer/{name}.js")
+    assert response.status_code == 404, response.text
+
+
+def test_the_bare_prefix_does_not_repeat_a_huge_query_in_its_redirect(tmp_path):
+    response = get(fake_dist(tmp_path / "viewer"), "/viewer?x=" + "a" * 10_000)
+    assert response.status_code == 400 and "8192" in response.text
+
+
 def test_the_bare_prefix_redirects_to_the_app(tmp_path):
     response = get(fake_dist(tmp_path / "viewer"), "/viewer")
     assert response.status_code == 307
