@@ -114,7 +114,9 @@ def _index(config: Config, workers: int, only: str | None = None) -> int:
             elapsed = (stats.finished or 0) - (stats.started or 0)
             print(
                 f"{source.name}: {stats.seen} files seen, {stats.indexed} indexed, "
-                f"{stats.skipped} unchanged, {stats.failed} failed, {stats.removed} removed "
+                f"{stats.skipped} unchanged, {stats.failed} failed, "
+                + (f"{stats.conflicts} conflicting, " if stats.conflicts else "")
+                + f"{stats.removed} removed "
                 f"in {elapsed:.2f} s; {stats.instances} instances held"
             )
     finally:
@@ -144,7 +146,13 @@ def _sources(config: Config) -> int:
             await gateway.aclose()
 
     states = asyncio.run(healths())
-    print(f"{'source':<16} {'kind':<10} {'last harvest':<20} {'instances':>9} {'failed':>6}  health")
+    conflicts: dict[str, int] = {}
+    for row in gateway.registry.conflicts():
+        conflicts[row["source"]] = conflicts.get(row["source"], 0) + 1
+    print(
+        f"{'source':<16} {'kind':<10} {'last harvest':<20} {'instances':>9} {'failed':>6} "
+        f"{'conflicts':>9}  health"
+    )
     for (name, source), health in zip(gateway.sources.items(), states, strict=True):
         run = runs.get(name)
         when = (
@@ -152,7 +160,7 @@ def _sources(config: Config) -> int:
             if run and run.finished
             else "never"
         )
-        counts = f"{run.instances if run else 0:>9} {run.failed if run else 0:>6}"
+        counts = f"{run.instances if run else 0:>9} {run.failed if run else 0:>6} {conflicts.get(name, 0):>9}"
         print(f"{name:<16} {source.kind:<10} {when:<20} {counts}  {health}")
     return 0
 

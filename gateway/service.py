@@ -42,6 +42,7 @@ class Gateway:
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
         self.registry = registry or Registry(config.registry_url)
+        self.registry.ranks = {s.name: s.priority for s in config.sources}
         self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources}
         self.federation = Federation(self.sources, {s.name: s.priority for s in config.sources})
         for source in self.sources.values():
@@ -60,7 +61,9 @@ class Gateway:
         syntax = (
             pixel.transfer_syntax if pixel and pixel.transfer_syntax else str(ds.file_meta.TransferSyntaxUID)
         )
-        self.registry.learn(source, path, record, syntax, {"remote": count, "bulk": {}})
+        refused = self.registry.learn(source, path, record, syntax, {"remote": count, "bulk": {}})
+        if refused:
+            log.warning("source %s: what %s sent was not learnt: %s", source, path, refused)
 
     def harvest(self, name: str, progress=None, executor: Executor | None = None) -> SourceStats | None:
         """Harvest one source; None when another node (or process) is harvesting it right now:

@@ -59,7 +59,7 @@ def test_index_one_source_and_list_sources_with_their_health(tmp_path):
     assert listing.returncode == 0, listing.stderr
     lines = {line.split()[0]: line for line in listing.stdout.splitlines()[1:]}
     assert "never" in lines["a"]
-    assert lines["b"].split()[-3:] == ["1", "0", "ok"]  # instances held, failures, health
+    assert lines["b"].split()[-4:] == ["1", "0", "0", "ok"]  # instances, failures, conflicts, health
     assert "unreachable" in lines["gone"]
 
 

@@ -86,8 +86,11 @@ def harvest(
                     )
                 else:
                     indexed.append(Harvested(entry.path, entry.size, entry.mtime_ns, record, pixel))
-            registry.put_instances(conn, source.name, indexed)
-        stats.indexed += len(indexed)
+            conflicts = registry.put_instances(conn, source.name, indexed)
+        for path, reason in conflicts.items():
+            log.warning("source %s: %s conflicts, not served: %s", source.name, path, reason)
+        stats.conflicts += len(conflicts)
+        stats.indexed += len(indexed) - len(conflicts)
         registry.wrote(len(indexed))
         if progress:
             progress(stats)
@@ -136,13 +139,14 @@ def harvest(
     if progress:
         progress(stats)
     log.info(
-        "source %s%s: seen %d, indexed %d, skipped %d, failed %d, removed %d in %.1f s",
+        "source %s%s: seen %d, indexed %d, skipped %d, failed %d, conflicts %d, removed %d in %.1f s",
         source.name,
         f" (studies since {stats.since})" if stats.since else "",
         stats.seen,
         stats.indexed,
         stats.skipped,
         stats.failed,
+        stats.conflicts,
         stats.removed,
         finished - (stats.started or finished),
     )

@@ -18,7 +18,7 @@ _DERIVED = {
     "ContentTime": ("ContentTime_norm",),
     "PerformedProcedureStepStartTime": ("PerformedProcedureStepStartTime_norm",),
 }
-SCHEMA_VERSION = 5  # bump when a table changes: older registries are rebuilt by harvest
+SCHEMA_VERSION = 6  # bump when a table changes: older registries are rebuilt by harvest
 _INTEGER = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
 
 
@@ -48,8 +48,8 @@ _TYPES = {
 }
 # In an order that drops the tables referring to others first (foreign keys are enforced).
 TABLES = (
-    "patient_words", "studies", "patients", "series", "instances", "locations", "rejects", "sources",
-    "registry_meta",
+    "patient_words", "studies", "patients", "series", "instances", "locations", "rejects", "conflicts",
+    "sources", "registry_meta",
 )  # fmt: skip
 
 
@@ -71,7 +71,7 @@ def schema(dialect: str) -> list[str]:
     PRIMARY KEY (SeriesInstanceUID))""",
         f"""CREATE TABLE IF NOT EXISTS instances (
     {_ddl(INSTANCE_COLUMNS)}, SeriesInstanceUID TEXT NOT NULL, metadata {t["blob"]} NOT NULL,
-    PRIMARY KEY (SOPInstanceUID))""",
+    held_by TEXT, fingerprint TEXT, PRIMARY KEY (SOPInstanceUID))""",
         f"""CREATE TABLE IF NOT EXISTS locations (
     source TEXT NOT NULL, path TEXT NOT NULL, size {t["big"]}, mtime_ns {t["big"]},
     SOPInstanceUID TEXT NOT NULL, TransferSyntaxUID TEXT, mode TEXT, encapsulated INTEGER,
@@ -79,6 +79,12 @@ def schema(dialect: str) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS rejects (
     source TEXT NOT NULL, path TEXT NOT NULL, size {t["big"]}, mtime_ns {t["big"]}, reason TEXT,
     PRIMARY KEY (source, path))""",
+        # Copies of an instance that disagree with the copy of a source of higher priority
+        # (gateway.registry.arbitration): never served, listed and logged.
+        f"""CREATE TABLE IF NOT EXISTS conflicts (
+    source TEXT NOT NULL, path TEXT NOT NULL, size {t["big"]}, mtime_ns {t["big"]},
+    SOPInstanceUID TEXT NOT NULL, reason TEXT, PRIMARY KEY (source, path))""",
+        "CREATE INDEX IF NOT EXISTS conflicts_instance ON conflicts (SOPInstanceUID)",
         f"""CREATE TABLE IF NOT EXISTS sources (
     name TEXT PRIMARY KEY, started {t["real"]}, finished {t["real"]}, seen INTEGER, indexed INTEGER,
     skipped INTEGER, failed INTEGER, removed INTEGER, instances INTEGER, since TEXT,

@@ -21,6 +21,7 @@ from pydicom.uid import UID
 
 from gateway.errors import RegistryError
 from gateway.registry import writes
+from gateway.registry.arbitration import arbitrate
 from gateway.registry.database import Database, Row, open_database
 from gateway.registry.record import InstanceRecord
 from gateway.registry.schema import CANONICAL, SCHEMA_VERSION, TABLES, schema
@@ -90,6 +91,7 @@ class SourceStats:
     instances: int = 0
     since: str | None = None  # the StudyDate lower bound of an incremental run; None: a full one
     last_full: float | None = None  # when the last full run started
+    conflicts: int = 0  # copies this run found conflicting with a higher-priority source's
 
 
 class Registry:
@@ -105,6 +107,9 @@ class Registry:
         self._written = 0  # instances written by this process (see ``wrote``)
         self._refresh_at = _REFRESH_FIRST
         self._estimates: tuple[float, dict[str, float]] | None = None
+        # Each source's priority (lower wins: gateway.registry.arbitration), set by the gateway
+        # from its configuration; a source not named here ranks last.
+        self.ranks: dict[str, int] = {}
         try:
             version = self.db.schema_version()
             if version != SCHEMA_VERSION:
@@ -132,9 +137,16 @@ class Registry:
             row["path"]: FileState(row["size"], row["mtime_ns"], False)
             for row in self.query("SELECT path, size, mtime_ns FROM locations WHERE source=?", (source,))
         }
-        for row in self.query("SELECT path, size, mtime_ns FROM rejects WHERE source=?", (source,)):
-            states[row["path"]] = FileState(row["size"], row["mtime_ns"], True)
+        for table in ("rejects", "conflicts"):  # read again when they change
+            for row in self.query(f"SELECT path, size, mtime_ns FROM {table} WHERE source=?", (source,)):
+                states[row["path"]] = FileState(row["size"], row["mtime_ns"], True)
         return states
+
+    def conflicts(self, source: str | None = None) -> list[Row]:
+        """Copies of instances that conflict with a higher-priority source's (never served)."""
+        if source is None:
+            return self.query("SELECT * FROM conflicts ORDER BY source, path")
+        return self.query("SELECT * FROM conflicts WHERE source=? ORDER BY path", (source,))
 
     def put_instance(
         self,
@@ -149,23 +161,30 @@ class Registry:
         """Insert or replace one instance and its location (inside a harvest transaction)."""
         self.put_instances(conn, source, [Harvested(path, size, mtime_ns, record, pixel)])
 
-    def put_instances(self, conn: Any, source: str, items: Sequence[Harvested]) -> None:
+    def put_instances(self, conn: Any, source: str, items: Sequence[Harvested]) -> dict[str, str]:
         """Insert or replace instances and their locations (inside a harvest transaction), as
-        ``put_instance`` for each in turn would, but set-wise (see ``writes``)."""
-        writes.put_instances(conn, self.dialect, source, items)
+        ``put_instance`` for each in turn would, but set-wise (see ``writes``); returns the paths
+        whose copy conflicts with a higher-priority source's, and why (``arbitration``)."""
+        return writes.put_instances(conn, self.dialect, source, items, self.ranks)
 
     def learn(
         self, source: str, path: str, record: InstanceRecord, syntax: str, frames: dict[str, Any]
-    ) -> None:
+    ) -> str | None:
         """What a remote source taught us by sending an instance (its full header, stored syntax and
-        frame count), replacing what its search answers said; the location's change tokens stay."""
+        frame count), replacing what its search answers said; the location's change tokens stay.
+        Returns why nothing was learnt when the header conflicts with a higher-priority source's
+        (or moves its study to another patient): see ``arbitration``."""
         with self.transaction() as conn:
-            writes.put_records(conn, self.dialect, [record])
+            verdict = arbitrate(conn, source, self.ranks, [record])
+            if record.uids[2] in verdict.refused:
+                return verdict.refused[record.uids[2]]
+            writes.put_records(conn, self.dialect, verdict.write, source)
             conn.execute(
                 "UPDATE locations SET TransferSyntaxUID = ?, encapsulated = ?, frames = ? "
                 "WHERE source = ? AND path = ?",
                 (syntax, int(UID(syntax).is_encapsulated), orjson.dumps(frames), source, path),
             )
+        return None
 
     def put_reject(self, conn: Any, source: str, path: str, size: int, mtime_ns: int, reason: str) -> None:
         writes.put_reject(conn, self.dialect, source, path, size, mtime_ns, reason)

@@ -7,11 +7,12 @@ transaction's connection (``Registry.transaction()``), ``dialect`` its database'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import orjson
 
+from gateway.registry.arbitration import Verdict, arbitrate, fingerprint
 from gateway.registry.record import InstanceRecord
 from gateway.registry.schema import AGGREGATE, PATIENT_COLUMNS
 from gateway.stream.dicomfile import PixelInfo
@@ -29,14 +30,21 @@ class Harvested(NamedTuple):
     pixel: PixelInfo | None = None
 
 
-def put_instances(conn: Any, dialect: str, source: str, items: Sequence[Harvested]) -> None:
+def put_instances(
+    conn: Any, dialect: str, source: str, items: Sequence[Harvested], ranks: Mapping[str, int] | None = None
+) -> dict[str, str]:
     """Insert or replace instances and their locations (inside a harvest transaction), as
     writing each in turn would, but set-wise: a statement per table for the
     batch and one per patient, not ten per instance. Each is a round trip on PostgreSQL,
-    where writing instance by instance managed ~950 instances/s (bench/scale.py)."""
+    where writing instance by instance managed ~950 instances/s (bench/scale.py).
+
+    ``ranks``: each source's priority (lower wins, see ``arbitration``). Returns the paths whose
+    copy conflicts with a higher-priority source's, and why: kept as conflicts, not locations."""
     by_path = {item.path: item for item in items}  # a path given twice: the last one holds
     remove_paths(conn, dialect, source, list(by_path))  # what a replaced path held goes first
-    put_records(conn, dialect, [item.record for item in by_path.values()])
+    verdict = arbitrate(conn, source, ranks or {}, [item.record for item in by_path.values()])
+    _displace(conn, dialect, source, verdict)
+    put_records(conn, dialect, verdict.write, source)
     rows = [
         (
             source,
@@ -52,13 +60,62 @@ def put_instances(conn: Any, dialect: str, source: str, items: Sequence[Harveste
             pixel.swap_width if pixel else 0,
         )
         for item in by_path.values()
+        if item.record.uids[2] in verdict.located
         for pixel in (item.pixel,)
     ]
     conn.executemany(_upsert_sql("locations", _LOCATION_COLUMNS, "source, path"), rows)
+    refused = {
+        item.path: verdict.refused[item.record.uids[2]]
+        for item in by_path.values()
+        if item.record.uids[2] in verdict.refused
+    }
+    conn.executemany(
+        _upsert_sql("conflicts", _CONFLICT_COLUMNS, "source, path"),
+        [
+            (source, path, item.size, item.mtime_ns, item.record.uids[2], refused[path])
+            for path, item in by_path.items()
+            if path in refused
+        ],
+    )
+    return refused
 
 
-def put_records(conn: Any, dialect: str, records: Sequence[InstanceRecord]) -> None:
-    """Upsert the records' patients, studies, series and instances; recount what they touch."""
+def _displace(conn: Any, dialect: str, source: str, verdict: Verdict) -> None:
+    """Other sources' copies that a higher-priority copy contradicts become conflicts."""
+    moved: list[tuple[Any, ...]] = []
+    for uid, reason in verdict.displaced.items():
+        rows = conn.execute(
+            "SELECT source, path, size, mtime_ns FROM locations WHERE SOPInstanceUID=? AND source<>?",
+            (uid, source),
+        ).fetchall()
+        moved += [(*row, uid, reason) for row in rows]
+    for study, reason in verdict.displaced_studies.items():
+        rows = conn.execute(
+            "SELECT l.source, l.path, l.size, l.mtime_ns, l.SOPInstanceUID FROM locations l "
+            "JOIN instances i ON i.SOPInstanceUID = l.SOPInstanceUID "
+            "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
+            "WHERE se.StudyInstanceUID=? AND l.source<>?",
+            (study, source),
+        ).fetchall()
+        moved += [(*row, reason) for row in rows]
+    by_source: dict[str, list[str]] = {}
+    for row in moved:
+        by_source.setdefault(row[0], []).append(row[1])
+    for other, paths in by_source.items():
+        remove_paths(conn, dialect, other, paths)
+    for uid in verdict.displaced:  # what stays of the instance is the winner's, about to be written
+        conn.execute("UPDATE instances SET held_by = NULL WHERE SOPInstanceUID=?", (uid,))
+    conn.executemany(_upsert_sql("conflicts", _CONFLICT_COLUMNS, "source, path"), moved)
+
+
+def put_records(
+    conn: Any, dialect: str, records: Sequence[InstanceRecord], source: str | None = None
+) -> None:
+    """Upsert the records' patients, studies, series and instances (their metadata now held by
+    ``source``); recount what they touch, and what they left: an instance that moved to another
+    series or study leaves its old ones recounted, or removed when empty."""
+    if not records:
+        return
     # Merged in order, so that the batch ends as record-by-record upserts would: a later
     # record's values win, and what it lacks keeps an earlier record's (or the stored) value.
     patients: dict[tuple[str, str], dict[str, Any]] = {}
@@ -74,15 +131,74 @@ def put_records(conn: Any, dialect: str, records: Sequence[InstanceRecord]) -> N
         studies.setdefault(study_uid, {}).update(record.study)
         series.setdefault(series_uid, {}).update(record.series, StudyInstanceUID=study_uid)
         instances.setdefault(instance_uid, {}).update(
-            record.instance, SeriesInstanceUID=series_uid, metadata=record.metadata
+            record.instance,
+            SeriesInstanceUID=series_uid,
+            metadata=record.metadata,
+            held_by=source,
+            fingerprint=fingerprint(record),
         )
+    left_series, left_studies = _homes(conn, list(instances), list(series))
     ids = _upsert_patients(conn, patients)
     for uid, study in studies.items():
         study["patient"] = ids[study_patient[uid]]
     _upsert_many(conn, "studies", studies.values(), "StudyInstanceUID")
     _upsert_many(conn, "series", series.values(), "SeriesInstanceUID")
     _upsert_many(conn, "instances", instances.values(), "SOPInstanceUID")
-    _recount(conn, dialect, list(series), list(studies))
+    old_series, old_studies = _prune(conn, left_series - set(series), left_studies - set(studies))
+    _recount(conn, dialect, list(series) + sorted(old_series), list(studies) + sorted(old_studies))
+
+
+def _homes(conn: Any, instances: list[str], series: list[str]) -> tuple[set[str], set[str]]:
+    """The series and studies these instances and series are in now (before a write moves them)."""
+    homes: set[str] = set()
+    studies: set[str] = set()
+    for chunk in _chunks(instances):
+        marks = ",".join("?" * len(chunk))
+        for series_uid, study_uid in conn.execute(
+            "SELECT i.SeriesInstanceUID, se.StudyInstanceUID FROM instances i LEFT JOIN series se "
+            f"ON se.SeriesInstanceUID = i.SeriesInstanceUID WHERE i.SOPInstanceUID IN ({marks})",
+            chunk,
+        ).fetchall():
+            homes.add(series_uid)
+            if study_uid:
+                studies.add(study_uid)
+    for chunk in _chunks(series):
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(
+            f"SELECT StudyInstanceUID FROM series WHERE SeriesInstanceUID IN ({marks})", chunk
+        ).fetchall()
+        studies.update(row[0] for row in rows)
+    return homes, studies
+
+
+def _prune(conn: Any, series: set[str], studies: set[str]) -> tuple[set[str], set[str]]:
+    """Remove those of ``series`` left without instances and of ``studies`` left without series
+    (and a patient left without studies); returns the series and studies that remain."""
+    remaining: set[str] = set()
+    for uid in series:
+        if conn.execute("SELECT 1 FROM instances WHERE SeriesInstanceUID=?", (uid,)).fetchone():
+            remaining.add(uid)
+            continue
+        study = conn.execute(
+            "SELECT StudyInstanceUID FROM series WHERE SeriesInstanceUID=?", (uid,)
+        ).fetchone()
+        conn.execute("DELETE FROM series WHERE SeriesInstanceUID=?", (uid,))
+        if study is not None:
+            studies.add(study[0])
+    alive: set[str] = set()
+    for uid in studies:
+        if conn.execute("SELECT 1 FROM series WHERE StudyInstanceUID=?", (uid,)).fetchone():
+            alive.add(uid)
+            continue
+        patient = conn.execute("SELECT patient FROM studies WHERE StudyInstanceUID=?", (uid,)).fetchone()
+        conn.execute("DELETE FROM studies WHERE StudyInstanceUID=?", (uid,))
+        if (
+            patient is not None
+            and not conn.execute("SELECT 1 FROM studies WHERE patient=?", (patient[0],)).fetchone()
+        ):
+            conn.execute("DELETE FROM patient_words WHERE patient=?", (patient[0],))
+            conn.execute("DELETE FROM patients WHERE id=?", (patient[0],))
+    return remaining, alive
 
 
 def _recount(conn: Any, dialect: str, series: list[str], studies: list[str]) -> None:
@@ -127,6 +243,7 @@ def remove_paths(conn: Any, dialect: str, source: str, paths: list[str]) -> None
     for chunk in _chunks(paths):
         marks = ",".join("?" * len(chunk))
         conn.execute(f"DELETE FROM rejects WHERE source=? AND path IN ({marks})", (source, *chunk))
+        conn.execute(f"DELETE FROM conflicts WHERE source=? AND path IN ({marks})", (source, *chunk))
         held += [
             row[0]
             for row in conn.execute(
@@ -137,22 +254,13 @@ def remove_paths(conn: Any, dialect: str, source: str, paths: list[str]) -> None
     studies: set[str] = set()
     for path in held:  # a file that changed or went: rare beside the new ones of a harvest
         _forget_path(conn, source, path, series, studies)
-    existing = [
-        uid
-        for uid in series
-        if conn.execute("SELECT 1 FROM series WHERE SeriesInstanceUID=?", (uid,)).fetchone()
-    ]
-    alive = [
-        uid
-        for uid in studies
-        if conn.execute("SELECT 1 FROM studies WHERE StudyInstanceUID=?", (uid,)).fetchone()
-    ]
-    _recount(conn, dialect, existing, alive)
+    existing, alive = _prune(conn, series, studies)
+    _recount(conn, dialect, sorted(existing), sorted(alive))
 
 
 def _forget_path(conn: Any, source: str, path: str, series: set[str], studies: set[str]) -> None:
-    """Forget one location and what only it held; the series and studies it touched are added
-    to ``series`` and ``studies`` (the caller recounts those that remain)."""
+    """Forget one location and the instance if only it held it; the series and studies it
+    touched are added to ``series`` and ``studies`` (the caller prunes and recounts them)."""
     row = conn.execute(
         "SELECT SOPInstanceUID FROM locations WHERE source=? AND path=?", (source, path)
     ).fetchone()
@@ -161,31 +269,23 @@ def _forget_path(conn: Any, source: str, path: str, series: set[str], studies: s
     conn.execute("DELETE FROM locations WHERE source=? AND path=?", (source, path))
     uid = row[0]
     if conn.execute("SELECT 1 FROM locations WHERE SOPInstanceUID=?", (uid,)).fetchone():
-        return  # the instance is still held elsewhere
-    found = conn.execute("SELECT SeriesInstanceUID FROM instances WHERE SOPInstanceUID=?", (uid,)).fetchone()
-    conn.execute("DELETE FROM instances WHERE SOPInstanceUID=?", (uid,))
-    if found is None:
+        # Still held elsewhere; if its metadata was this source's, the next holder to write sets it.
+        conn.execute(
+            "UPDATE instances SET held_by = NULL WHERE SOPInstanceUID=? AND held_by=?", (uid, source)
+        )
         return
-    series_uid = found[0]
-    study = conn.execute(
-        "SELECT StudyInstanceUID FROM series WHERE SeriesInstanceUID=?", (series_uid,)
+    found = conn.execute(
+        "SELECT i.SeriesInstanceUID, se.StudyInstanceUID FROM instances i LEFT JOIN series se "
+        "ON se.SeriesInstanceUID = i.SeriesInstanceUID WHERE i.SOPInstanceUID=?",
+        (uid,),
     ).fetchone()
-    if study is not None:
-        studies.add(study[0])
-    if conn.execute("SELECT 1 FROM instances WHERE SeriesInstanceUID=?", (series_uid,)).fetchone():
-        series.add(series_uid)
-        return
-    conn.execute("DELETE FROM series WHERE SeriesInstanceUID=?", (series_uid,))
-    if study is None or conn.execute("SELECT 1 FROM series WHERE StudyInstanceUID=?", (study[0],)).fetchone():
-        return
-    patient = conn.execute("SELECT patient FROM studies WHERE StudyInstanceUID=?", (study[0],)).fetchone()
-    conn.execute("DELETE FROM studies WHERE StudyInstanceUID=?", (study[0],))
-    if (
-        patient is not None
-        and not conn.execute("SELECT 1 FROM studies WHERE patient=?", (patient[0],)).fetchone()
-    ):
-        conn.execute("DELETE FROM patient_words WHERE patient=?", (patient[0],))
-        conn.execute("DELETE FROM patients WHERE id=?", (patient[0],))
+    conn.execute("DELETE FROM instances WHERE SOPInstanceUID=?", (uid,))
+    # The copies that conflicted with this one are read again by their sources' next harvest.
+    conn.execute("DELETE FROM conflicts WHERE SOPInstanceUID=?", (uid,))
+    if found is not None:
+        series.add(found[0])
+        if found[1]:
+            studies.add(found[1])
 
 
 def _upsert_patients(
@@ -212,6 +312,7 @@ _LOCATION_COLUMNS = (
     "source", "path", "size", "mtime_ns", "SOPInstanceUID", "TransferSyntaxUID", "mode", "encapsulated",
     "frames", "frame_error", "swap",
 )  # fmt: skip
+_CONFLICT_COLUMNS = ("source", "path", "size", "mtime_ns", "SOPInstanceUID", "reason")
 _IN_LIST = 500  # values in one IN (...): far below SQLite's and PostgreSQL's parameter limits
 
 
