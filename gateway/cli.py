@@ -9,6 +9,7 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 from gateway import __version__
 from gateway.config import Config, is_loopback, load_config
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--no-harvest", action="store_true", help="serve the index as it is")
+    saving = commands.add_parser(
+        "backup", help="consistent copies of the access database and the registry, while serving"
+    )
+    saving.add_argument("--config", help="TOML configuration file (default: embedded demo)")
+    saving.add_argument("directory", help="where the copies go (created if missing)")
     viewer = commands.add_parser("viewer", help="the bundled OHIF viewer, served at /viewer")
     viewer_commands = viewer.add_subparsers(dest="viewer_command", required=True)
     viewer_install = viewer_commands.add_parser(
@@ -67,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             return _sources(config)
         if args.command == "viewer":
             return _viewer_install(config, args.version)
+        if args.command == "backup":
+            from gateway.backup import backup
+
+            for path in backup(config, Path(args.directory)):
+                print(f"{path} ({path.stat().st_size:,} bytes)")
+            return 0
         return _serve(config, args.host, args.port, not args.no_harvest)
     except GatewayError as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
