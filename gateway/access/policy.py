@@ -126,12 +126,14 @@ class Policy:
         if principal.role == "patient":
             return StudyAccess(patient, False) if exists and patient == principal.ins else _unseen(study)
         refusal = _unseen(study) if principal.role == "link" else _no_access(principal, study)
-        if not exists or patient is None or self.store.is_hidden(study):
+        if not exists or self.store.is_hidden(study):
             return refusal
         now = time.time()
-        if principal.role == "link":
+        if principal.role == "link":  # names its study: no INS needed
             if study == principal.study and self.store.link_consented(principal.link or "", now):
                 return StudyAccess(patient, False)
+            return refusal
+        if patient is None:  # a professional: consent is given per INS, none can cover this study
             return refusal
         if patient in self.store.granted_patients(principal.grantee_keys, now):
             return StudyAccess(patient, False)

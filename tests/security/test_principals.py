@@ -78,3 +78,13 @@ def test_a_refusal_does_not_echo_a_huge_uid(site, who):
     token = patient(site) if who == "patient" else doctor(site)
     response = site.get("/dicom-web/studies/" + "9" * 60_000 + "/metadata", token)
     assert response.status_code in (403, 404) and len(response.content) < 400
+
+
+def test_a_link_to_a_study_without_ins_opens_that_study(site):
+    made = site.post("/api/links", {"StudyInstanceUID": site.studies["nobody"]}, site.token(PSC, sub="x"))
+    assert made.status_code == 403  # a professional cannot: no consent covers a study without INS
+    # A link made where no INS is needed (the open demo) names its study: that is enough to open it.
+    _, secret = site.access.store.add_link(site.studies["nobody"], None, "demo", "open", 4e9)
+    cookie = site.client.get(f"/link/{secret}").headers["set-cookie"].split(";")[0]
+    url = f"/dicom-web/studies/{site.studies['nobody']}/metadata"
+    assert site.client.get(url, headers={"Cookie": cookie}).status_code == 200
