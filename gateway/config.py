@@ -55,7 +55,8 @@ _KEYS = {
     "dicomweb": _COMMON_KEYS | _DEADLINE_KEYS | {"url", "headers", "max_answer_bytes"},
     "dimse": _COMMON_KEYS
     | _DEADLINE_KEYS
-    | {"host", "port", "called_ae", "calling_ae", "retrieve", "move_destination_port"},
+    | {"host", "port", "called_ae", "calling_ae", "retrieve", "move_destination_port"}
+    | {"move_source_ae", "move_listen_host", "max_instance_bytes"},
 }
 
 
@@ -107,6 +108,16 @@ class SourceConfig:
     calling_ae: str = "GATEWAY"
     retrieve: str = "c-get"  # dimse: "c-get", or "c-move" to an in-process Storage SCP
     move_destination_port: int | None = None  # dimse c-move: where the PACS sends (as calling_ae)
+    # dimse c-move: the AE title the PACS stores from (None: called_ae; some PACS send as another),
+    # and the address the Storage SCP listens on (None: the local address that reaches the PACS).
+    move_source_ae: str | None = None
+    move_listen_host: str | None = None
+    # dimse: the largest instance received (C-GET or C-MOVE), refused before it is buffered. Received
+    # instances are held in memory, two copies while one arrives (measured: a 128 MiB instance
+    # added 259 MiB at peak): 1 GiB holds any CT, MR, CR, mammography and most cine and
+    # tomosynthesis objects, and bounds what one retrieval (or a hostile sender) makes the
+    # process hold. Whole-slide images or long cine runs need more.
+    max_instance_bytes: int = 1024 * 1024 * 1024
     interval: float = _DEFAULT_INTERVAL
     priority: int = 0  # lower is tried first when an instance has several locations
     deadlines: Deadlines = field(default_factory=Deadlines)
@@ -448,7 +459,8 @@ def _dimse(item: dict[str, Any], where: str, common: dict[str, Any], deadlines: 
     port = _typed(item, f"{where}.port", int, 104)
     called = _typed(item, f"{where}.called_ae", str, "ANY-SCP")
     calling = _typed(item, f"{where}.calling_ae", str, "GATEWAY")
-    for key, title in (("called_ae", called), ("calling_ae", calling)):
+    source_ae = _typed(item, f"{where}.move_source_ae", str, called)
+    for key, title in (("called_ae", called), ("calling_ae", calling), ("move_source_ae", source_ae)):
         if not 0 < len(title) <= 16 or "\\" in title:
             raise ConfigError(f"{where}.{key}: {title!r} is not an AE title (1 to 16 characters)")
     retrieve = _typed(item, f"{where}.retrieve", str, "c-get")
@@ -460,6 +472,15 @@ def _dimse(item: dict[str, Any], where: str, common: dict[str, Any], deadlines: 
     for key, number in (("port", port), ("move_destination_port", move_port)):
         if number is not None and not 0 < number <= 65535:
             raise ConfigError(f"{where}.{key}: {number} is outside 1-65535")
+    listen = _typed(item, f"{where}.move_listen_host", str, None)
+    if listen is not None:
+        try:
+            ipaddress.ip_address(listen)
+        except ValueError:
+            raise ConfigError(f"{where}.move_listen_host: {listen!r} is not an IP address") from None
+    max_instance = _typed(item, f"{where}.max_instance_bytes", int, SourceConfig.max_instance_bytes)
+    if max_instance <= 0:
+        raise ConfigError(f"{where}.max_instance_bytes: must be a positive number of bytes")
     return SourceConfig(
         **common,
         host=host,
@@ -468,6 +489,9 @@ def _dimse(item: dict[str, Any], where: str, common: dict[str, Any], deadlines: 
         calling_ae=calling,
         retrieve=retrieve,
         move_destination_port=move_port,
+        move_source_ae=source_ae,
+        move_listen_host=listen,
+        max_instance_bytes=max_instance,
         deadlines=deadlines,
     )
 

@@ -57,6 +57,13 @@ class Gateway:
         except GatewayError as exc:
             log.warning("source %s: instance at %s cannot be indexed: %s", source, path, exc.message)
             return
+        # The source checks what it received against what it asked for; this holds whatever a
+        # source does: a record is learnt only under the UIDs of its own location.
+        if record.uids != tuple(path.strip("/").split("/")[1::2]):  # studies/S/series/SE/instances/I
+            log.warning(
+                "source %s: the instance at %s says it is %s: not learnt", source, path, "/".join(record.uids)
+            )
+            return
         count = framemap.frame_count(pixel.frames) if pixel and pixel.frames else 0
         syntax = (
             pixel.transfer_syntax if pixel and pixel.transfer_syntax else str(ds.file_meta.TransferSyntaxUID)

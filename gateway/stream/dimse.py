@@ -9,6 +9,13 @@ Deadlines: ``connect`` for association set-up, ``message`` for each DIMSE messag
 DIMSE and network timeouts), ``total`` for a whole C-FIND or C-GET: a stream of "pending" replies
 does not reset it (pynetdicom#825), and the association is aborted when it passes.
 Partial C-GET/C-MOVE (sub-operations failed: status B000 or a failure) is an error (pynetdicom#552).
+
+Received data must be what was asked for: each instance that comes (C-GET on our association,
+C-MOVE on our Storage SCP) is kept only when its data set's own Study, Series and SOP Instance UIDs
+are those of a retrieval under way, and its C-STORE names the same instance; anything else is
+refused with a C-STORE failure status and never served, cached or learnt. A C-GET that brought
+something else is an error naming what was asked and what came. Who may connect to the Storage SCP,
+and how large an instance may be, is ``associations.MoveListener``'s and ``PduGuard``'s business.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 import orjson
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import _config, evt
+from pynetdicom import _config
 from pynetdicom.association import Association
 
 from gateway.config import SourceConfig
@@ -39,17 +46,19 @@ from gateway.errors import (
     SourceTimeout,
     SourceUnavailable,
 )
+from gateway.redact import escape
 from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.registry.dicomjson import dataset_json
 from gateway.registry.store import InstanceFile, Location
 from gateway.stream.associations import (
     QUERIES,
-    STORAGE,
     STUDY_FIND,
     STUDY_GET,
     STUDY_MOVE,
-    SYNTAXES,
     AssociationPool,
+    MoveListener,
+    peer_name,
+    refusal,
 )
 from gateway.stream.dicomfile import PixelInfo, bulk_value, frame_of
 from gateway.stream.source import CHUNK, Entry
@@ -64,6 +73,12 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.LOG_REQUEST_IDENTIFIERS = False
 
 _PENDING = {0xFF00, 0xFF01}
+# C-STORE statuses that refuse an instance. Not one we asked for (another instance, or ours carrying
+# another study's or series' UIDs): "Refused: Not Authorized", a general status C-STORE may answer
+# (PS3.7 9.1.1.1.9, C.5.21). A data set whose UIDs cannot be read: "Error: Cannot understand"
+# (PS3.4 B.2.3, Table B.2-1).
+_NOT_AUTHORIZED = 0x0124
+_CANNOT_UNDERSTAND = 0xC000
 _CACHE_BYTES = 128 * 1024 * 1024  # received instances kept for their other frames
 # Return keys per level; OtherPatientIDsSequence carries the INS at many sites (an empty
 # sequence asks for it, PS3.4 C.2.2.2.6); PACS that do not support it just leave it out.
@@ -86,8 +101,8 @@ class DimseSource:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached = 0
         self._fetching: dict[str, asyncio.Future[bytes]] = {}
-        self._moves: dict[str, Callable[[bytes | None], None]] = {}  # C-MOVE: SOP UID -> receiver
-        self._scp: Any = None  # the Storage SCP that receives C-MOVE sub-operations
+        self._moves: dict[str, _Retrieval] = {}  # C-MOVEs under way, by SOP Instance UID asked for
+        self._scp: MoveListener | None = None  # the Storage SCP that receives C-MOVE sub-operations
         self.learn: Callable[[str, bytes], None] | None = None  # set by the gateway
 
     def __getstate__(self) -> dict[str, Any]:
@@ -205,10 +220,10 @@ class DimseSource:
                 fetch.add_done_callback(lambda _: self._fetching.pop(uid, None))
 
     async def _fetch(self, path: str, uid: str, sop_class: str | None) -> bytes:
-        received = [chunk async for chunk in self._retrieve(_uids(path), sop_class)]
+        received = [data async for _, data in self._retrieve(_uids(path), sop_class)]
         if not received:
             raise NotFound(f"source {self.name} sent nothing for instance {uid}")
-        data = received[0]
+        data = received[0]  # its UIDs are the ones asked for (``_received``)
         if self.learn is not None:
             # The first time an instance comes: its full header completes the index (metadata,
             # stored syntax, frame count), which C-FIND alone could not give.
@@ -235,25 +250,22 @@ class DimseSource:
         paths = {location.SOPInstanceUID: location.path for location in locations}
         uids = (study, series, [location.SOPInstanceUID for location in locations])
         log.info("source %s: %d instances of series %s in one retrieval", self.name, len(locations), series)
-        async for data in self._retrieve(uids, sop_class):
+        async for uid, data in self._retrieve(uids, sop_class):
             if self.learn is not None:
-                uid = _sop_instance_uid(data)
-                if uid in paths:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self._pool(), self.learn, paths[uid], data
-                    )
+                await asyncio.get_running_loop().run_in_executor(self._pool(), self.learn, paths[uid], data)
             yield data
 
-    async def _retrieve(self, uids: _Uids, sop_class: str | None) -> AsyncIterator[bytes]:
-        """Instances of one C-GET (or C-MOVE), each as Part 10 bytes, as they arrive."""
+    async def _retrieve(self, uids: _Uids, sop_class: str | None) -> AsyncIterator[tuple[str, bytes]]:
+        """Instances of one C-GET (or C-MOVE) as they arrive: each one asked for, as its SOP
+        Instance UID and Part 10 bytes."""
         loop = asyncio.get_running_loop()
-        received: asyncio.Queue[bytes | None] = asyncio.Queue(2)
+        received: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue(2)
 
-        def put(data: bytes | None) -> None:  # worker thread: blocks while the client is slow
-            asyncio.run_coroutine_threadsafe(received.put(data), loop).result(self.deadlines.total)
+        def put(item: tuple[str, bytes] | None) -> None:  # worker thread: blocks while the client is slow
+            asyncio.run_coroutine_threadsafe(received.put(item), loop).result(self.deadlines.total)
 
         operation = self._c_move if self.config.retrieve == "c-move" else self._c_get
-        job = loop.run_in_executor(self._pool(), operation, uids, sop_class, put)
+        job = loop.run_in_executor(self._pool(), operation, _Retrieval(uids, put), sop_class)
         try:
             while True:
                 waiter: asyncio.Future[Any] = asyncio.ensure_future(received.get())
@@ -277,67 +289,124 @@ class DimseSource:
             if not job.done():
                 job.cancel()
 
-    def _c_get(self, uids: _Uids, sop_class: str | None, put: Callable[[bytes | None], None]) -> None:
+    def _c_get(self, retrieval: _Retrieval, sop_class: str | None) -> None:
         with self._associations.acquire(sop_class) as assoc:
-            assoc.gateway_sink["put"] = put  # type: ignore[attr-defined]
+
+            def receive(event: Any) -> int:
+                # Whatever is stored on this association during the C-GET is the PACS's answer to it.
+                return self._received(event, lambda _: retrieval)
+
+            assoc.gateway_sink["receive"] = receive  # type: ignore[attr-defined]
             query = Dataset()
             query.QueryRetrieveLevel = "IMAGE"
-            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = uids
+            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = retrieval.uids
             deadline = time.monotonic() + self.deadlines.total
             final = None
-            for status, _ in assoc.send_c_get(query, STUDY_GET):
-                self._check_deadline(assoc, deadline, "C-GET")
-                if self._status(status, "C-GET", deadline - self.deadlines.total) not in _PENDING:
-                    final = status
+            try:
+                for status, _ in assoc.send_c_get(query, STUDY_GET):
+                    self._check_deadline(assoc, deadline, "C-GET")
+                    if self._status(status, "C-GET", deadline - self.deadlines.total) not in _PENDING:
+                        final = status
+            except GatewayError as exc:
+                self._refused("C-GET", retrieval, refusal(assoc), exc)
+                raise
+            # The PACS sent something else than what was asked: that is the error, whatever the
+            # final status says of the sub-operations we refused.
+            self._refused("C-GET", retrieval, refusal(assoc))
             self._final(final, "C-GET")
-        put(None)
+        retrieval.put(None)
 
-    def _c_move(self, uids: _Uids, sop_class: str | None, put: Callable[[bytes | None], None]) -> None:
+    def _c_move(self, retrieval: _Retrieval, sop_class: str | None) -> None:
         """C-MOVE to our own Storage SCP (for PACS without C-GET): the instances arrive on other
         associations, routed here by SOP Instance UID."""
-        self._storage_scp()
-        wanted = uids[2] if isinstance(uids[2], list) else [uids[2]]
+        self._listener()
         with self._lock:
-            for uid in wanted:
-                self._moves[uid] = put
+            for uid in retrieval.instances:
+                self._moves[uid] = retrieval
         try:
             with self._associations.acquire(QUERIES) as assoc:
                 query = Dataset()
                 query.QueryRetrieveLevel = "IMAGE"
-                query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = uids
+                query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = retrieval.uids
                 deadline = time.monotonic() + self.deadlines.total
                 final = None
-                for status, _ in assoc.send_c_move(query, self.config.calling_ae, STUDY_MOVE):
-                    self._check_deadline(assoc, deadline, "C-MOVE")
-                    if self._status(status, "C-MOVE", deadline - self.deadlines.total) not in _PENDING:
-                        final = status
-                self._final(final, "C-MOVE")
+                try:
+                    for status, _ in assoc.send_c_move(query, self.config.calling_ae, STUDY_MOVE):
+                        self._check_deadline(assoc, deadline, "C-MOVE")
+                        if self._status(status, "C-MOVE", deadline - self.deadlines.total) not in _PENDING:
+                            final = status
+                    self._final(final, "C-MOVE")
+                except SourceError as exc:
+                    # Refusals alone do not fail a C-MOVE: anyone may have sent them, and the
+                    # PACS's own copy may still come. When its sub-operations failed, they say why.
+                    if type(exc) is SourceError:
+                        self._refused("C-MOVE", retrieval, None, exc)
+                    raise
         finally:
             with self._lock:
-                for uid in wanted:
-                    self._moves.pop(uid, None)
-        put(None)
+                for uid in retrieval.instances:
+                    if self._moves.get(uid) is retrieval:
+                        self._moves.pop(uid)
+        retrieval.put(None)
 
-    def _storage_scp(self) -> None:
+    def _listener(self) -> MoveListener:
         with self._lock:
-            if self._scp is not None:
-                return
-            ae = self._associations.ae()
-            for storage in STORAGE:
-                ae.add_supported_context(storage, SYNTAXES)
+            if self._scp is None:
+                listener = MoveListener(self.name, self.config, self._moved, self._awaited)
+                listener.start()
+                self._scp = listener
+            return self._scp
 
-            def on_store(event: Any) -> int:
-                with self._lock:
-                    put = self._moves.get(str(event.request.AffectedSOPInstanceUID))
-                if put is None:
-                    return 0xA801  # "move destination unknown": we did not ask for this one
-                put(bytes(event.encoded_dataset(include_meta=True)))
-                return 0x0000
+    def _awaited(self, uid: str) -> bool:
+        with self._lock:
+            return uid in self._moves
 
-            # Listen where the PACS can reach us: loopback for a PACS on this machine.
-            loopback = self.config.host in ("127.0.0.1", "localhost", "::1")
-            address = ("127.0.0.1" if loopback else "", self.config.move_destination_port or 0)
-            self._scp = ae.start_server(address, block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    def _moved(self, event: Any) -> int:
+        """A C-STORE on the Storage SCP: kept for the C-MOVE that asked for its instance, if any."""
+
+        def lookup(uid: str) -> _Retrieval | None:
+            with self._lock:
+                return self._moves.get(uid)
+
+        return self._received(event, lookup)
+
+    def _received(self, event: Any, lookup: Callable[[str], _Retrieval | None]) -> int:
+        """The status of a C-STORE that a retrieval brought (pynetdicom's thread): the instance
+        goes to the retrieval (``lookup``, by SOP Instance UID) that asked for it, when its data
+        set's own UIDs are the ones asked for; anything else is refused, named in the log with its
+        sender, and noted on the retrieval it claimed to answer."""
+        data = bytes(event.encoded_dataset(include_meta=True))
+        command = str(event.request.AffectedSOPInstanceUID or "")
+        own = _own_uids(data)
+        sender = peer_name(event.assoc)
+        retrieval = lookup(own[2] if own else command) or lookup(command)
+        problem: str | None
+        if own is None:
+            problem = f"a C-STORE of {escape(command, 70)} whose data set's UIDs cannot be read"
+            status = _CANNOT_UNDERSTAND
+        else:
+            problem, status = _mismatch(retrieval, command, own), _NOT_AUTHORIZED
+            if retrieval is not None and problem is None:
+                if retrieval.take(own[2]):
+                    retrieval.put((own[2], data))
+                    return 0x0000
+                problem = f"instance {escape(own[2], 70)} came again"
+        problem = problem or "not asked for"
+        log.warning("source %s: refused an instance from %s: %s", self.name, sender, problem)
+        if retrieval is not None and len(retrieval.refused) < 8:
+            retrieval.refused.append(problem)
+        return status
+
+    def _refused(
+        self, what: str, retrieval: _Retrieval, aborted: str | None, cause: Exception | None = None
+    ) -> None:
+        """Raise the error that says what the PACS sent instead of what was asked, if it did."""
+        if aborted is not None:
+            raise SourceError(f"source {self.name}: {what} aborted: the PACS sent {aborted}") from cause
+        if retrieval.refused:
+            raise SourceError(
+                f"source {self.name}: {what} refused what came: {retrieval.refused[0]}"
+            ) from cause
 
     def _final(self, status: Dataset | None, what: str) -> None:
         """Only full success is success: a warning or failure with failed sub-operations is not."""
@@ -390,7 +459,7 @@ class DimseSource:
     async def aclose(self) -> None:
         self._associations.close()
         if self._scp is not None:
-            self._scp.shutdown()
+            self._scp.close()
             self._scp = None
         if self._threads is not None:
             self._threads.shutdown(wait=False)
@@ -408,14 +477,66 @@ def _identifier_json(identifier: Dataset) -> dict[str, Any]:
     return body
 
 
-def _sop_instance_uid(data: bytes) -> str | None:
-    try:
-        return str(
-            pydicom.dcmread(
-                io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
-            ).SOPInstanceUID
+class _Retrieval:
+    """One C-GET or C-MOVE under way: what it asked for, where the instances it accepts go
+    (``put``), and what was refused on its behalf."""
+
+    def __init__(self, uids: _Uids, put: Callable[[tuple[str, bytes] | None], None]) -> None:
+        self.uids = uids
+        self.study, self.series = uids[0], uids[1]
+        self.instances = tuple(uids[2]) if isinstance(uids[2], list) else (uids[2],)
+        self.put = put
+        self.refused: list[str] = []
+        self._pending = set(self.instances)
+        self._lock = threading.Lock()
+
+    def take(self, uid: str) -> bool:
+        """Whether ``uid`` is still awaited (then no longer): each instance is accepted once."""
+        with self._lock:
+            if uid not in self._pending:
+                return False
+            self._pending.discard(uid)
+            return True
+
+    def asked(self) -> str:
+        which = (
+            f"instance {self.instances[0]}"
+            if len(self.instances) == 1
+            else f"{len(self.instances)} instances"
         )
-    except Exception:  # a malformed instance: it is still passed on, just not learnt from
+        return f"{which} of study {self.study}, series {self.series}"
+
+
+def _mismatch(retrieval: _Retrieval | None, command: str, own: tuple[str, str, str]) -> str | None:
+    """Why an instance is not one ``retrieval`` asked for (None when it is): its data set's own
+    Study, Series and SOP Instance UIDs must be the ones asked for, and the C-STORE's Affected SOP
+    Instance UID (PS3.7 9.1.1.1.4), which pynetdicom writes into the Part 10 header as Media
+    Storage SOP Instance UID, must name that same instance."""
+    study, series, sop = (escape(uid, 70) for uid in own)
+    received = f"instance {sop} of study {study}, series {series}"
+    if command != own[2]:
+        received += f" in a C-STORE of instance {escape(command, 70)}"
+    if retrieval is None:
+        return f"{received}: not asked for"
+    if (
+        command != own[2]
+        or own[2] not in retrieval.instances
+        or own[:2] != (retrieval.study, retrieval.series)
+    ):
+        return f"asked for {retrieval.asked()}, received {received}"
+    return None
+
+
+def _own_uids(data: bytes) -> tuple[str, str, str] | None:
+    """The Study, Series and SOP Instance UIDs of the data set itself (not its Part 10 header)."""
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+        )
+        return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+    except Exception:  # malformed, hostile or missing UIDs: refused
         return None
 
 
