@@ -13,22 +13,19 @@ reactor paused and their socket polled every ``_PARKED_POLL`` seconds, and retir
 ``_IDLE`` seconds even when no request comes to take them. A PACS has few association slots too
 (Orthanc serves 4 at once by default): an association kept idle is one another caller cannot use.
 
-What a peer sends is bounded before it is buffered (``PduGuard``, on every association, ours and the
+What a peer sends is bounded before it is buffered (``pduguard``, on every association, ours and the
 PACS's): pynetdicom reads a whole PDU of whatever length its header announces, and reassembles a
-DIMSE message of any size in memory. ``MoveListener`` is the Storage SCP a C-MOVE's sub-operations
-come to; it accepts associations from the configured PACS only (its address, its AE title).
+DIMSE message of any size in memory. The Storage SCP a C-MOVE's sub-operations come to is
+``storescp.MoveListener``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
-import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from pynetdicom import AE, build_context, build_role, evt
@@ -37,23 +34,16 @@ from pynetdicom.presentation import StoragePresentationContexts
 
 from gateway.config import SourceConfig
 from gateway.errors import SourceTimeout, SourceUnavailable
-from gateway.redact import escape
+from gateway.stream.pduguard import guard_association
 
 __all__ = [
     "AssociationPool",
-    "MoveListener",
-    "PduGuard",
-    "guard_association",
-    "listen_host",
-    "pacs_addresses",
-    "peer_name",
     "refusal",
     "QUERIES",
     "VERIFICATION",
     "STUDY_FIND",
     "STUDY_GET",
     "STUDY_MOVE",
-    "affected_instance",
     "STORAGE",
     "SYNTAXES",
 ]
@@ -269,314 +259,3 @@ def refusal(assoc: Association) -> str | None:
     """Why the guard of ``assoc`` aborted it, if it did."""
     guard = getattr(assoc, "gateway_guard", None)
     return guard.refused if guard is not None else None
-
-
-# -- what a peer may send: bounded before it is read -----------------------------------------------
-# pynetdicom reads a whole PDU of whatever length its header announces (DULServiceProvider.
-# _read_pdu_data) and tells handlers only after that (EVT_DATA_RECV); it reassembles a message's
-# data set in memory, or with _config.STORE_RECV_CHUNKED_DATASET in a temporary file (patient data
-# on disk, for every association of the process, and the disk fills instead). The maximum PDU length
-# we announce (PS3.8 D.1) binds a well-behaved peer only. So PDU headers are read here, as they
-# come off the socket, and what they announce is refused before it is read.
-_P_DATA_TF = 0x04  # PDU type (PS3.8 9.3.1)
-# The longest PDU read: 64 times the P-DATA length we announce (pynetdicom's 16,382 bytes) and 20
-# times an A-ASSOCIATE-RQ with 128 presentation contexts of 13 transfer syntaxes each.
-_MAX_PDU = 1024 * 1024
-_MAX_COMMAND = 64 * 1024  # a command set (PS3.7 9.3, E.1) takes a few hundred bytes
-# The most read of a C-STORE for an instance no retrieval awaits: room for a small one to be read
-# and refused with a status (the PACS then goes on with the next), not for a large one.
-_UNASKED_BYTES = 1024 * 1024
-# A-ABORT PDU (PS3.8 9.3.8): source 0, the service-user (this gateway) aborts; reason 0.
-_A_ABORT = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0))
-
-
-class PduGuard:
-    """What a peer sends, counted from the reads pynetdicom makes: a 6-byte PDU header (type,
-    reserved, length: PS3.8 9.3.1), then that PDU's body. A P-DATA-TF body is PDV items (PS3.8
-    9.3.5.1: 4-byte length, presentation context ID, message control header, fragment) whose control
-    header says command or data set, and last fragment or not (PS3.8 E.2).
-
-    ``feed`` returns False for a header that announces more than allowed (a PDU longer than
-    ``_MAX_PDU``, a data set that would pass ``limit`` bytes, a command set past ``_MAX_COMMAND``),
-    and from then on: that PDU's body is never read, so memory holds at most ``limit`` bytes of one
-    message however long the peer goes on. With ``awaited``, the data set of a C-STORE whose command
-    names an instance that ``awaited`` says no retrieval waits for gets ``_UNASKED_BYTES`` only: a
-    small one is read and refused with a status, a large one is not read. No socket here."""
-
-    def __init__(self, limit: int, awaited: Callable[[str], bool] | None = None) -> None:
-        self.limit = limit
-        self.awaited = awaited
-        self.refused: str | None = None
-        self.dataset = 0  # bytes of the data set under way
-        self.largest = 0  # the largest data set let through
-        self._budget = limit  # what the data set under way may reach
-        self._unasked: str | None = None  # the instance it claims to be, when nobody awaits it
-        self._command = bytearray()  # the command set under way
-        self._body: int | None = None  # the type of the PDU whose body is read next
-
-    def refuse(self, reason: str) -> None:
-        if self.refused is None:
-            self.refused = reason
-
-    def feed(self, data: bytes | bytearray) -> bool:
-        if self.refused is not None:
-            return False
-        if self._body is not None:
-            if self._body == _P_DATA_TF:
-                self._pdvs(data)
-            self._body = None
-            return True
-        if len(data) != 6:
-            return True  # the connection closed mid-header: pynetdicom sees it and ends
-        kind, _, length = struct.unpack(">BBL", data)
-        if length > _MAX_PDU:
-            self.refuse(f"a PDU of {length} bytes, more than the {_MAX_PDU} accepted")
-        elif kind == _P_DATA_TF and self.dataset + length > self._budget and self._unasked is not None:
-            self.refuse(
-                f"an instance no retrieval awaits ({self._unasked}) of more than {self._budget} bytes"
-            )
-        elif kind == _P_DATA_TF and self.dataset + length > self._budget:
-            self.refuse(f"an instance of more than {self.limit} bytes (max_instance_bytes)")
-        elif len(self._command) > _MAX_COMMAND:
-            self.refuse(f"a command set of more than {_MAX_COMMAND} bytes")
-        else:
-            self._body = kind
-            return True
-        return False
-
-    def _pdvs(self, body: bytes | bytearray) -> None:
-        offset = 0
-        while offset + 6 <= len(body):
-            (length,) = struct.unpack_from(">L", body, offset)
-            control, fragment = body[offset + 5], body[offset + 6 : offset + 4 + length]
-            if control & 1:
-                self._command += fragment
-                if control & 2:
-                    self._commanded(bytes(self._command))
-                    self._command.clear()
-            else:
-                self.dataset += len(fragment)
-                self.largest = max(self.largest, self.dataset)
-                if control & 2:
-                    self.dataset, self._budget, self._unasked = 0, self.limit, None
-            offset += 4 + length
-
-    def _commanded(self, command: bytes) -> None:
-        uid = affected_instance(command)
-        if uid is not None and self.awaited is not None and not self.awaited(uid):
-            self._budget, self._unasked = min(self.limit, _UNASKED_BYTES), escape(uid, 70)
-
-
-def affected_instance(command: bytes) -> str | None:
-    """The Affected SOP Instance UID of a C-STORE-RQ command set (PS3.7 9.3.1.1; encoded implicit
-    VR little endian, PS3.7 6.3.1), None for any other command or one that cannot be read."""
-    offset, field, uid = 0, None, None
-    while offset + 8 <= len(command):
-        group, element, length = struct.unpack_from("<HHL", command, offset)
-        value = command[offset + 8 : offset + 8 + length]
-        if (group, element) == (0x0000, 0x0100) and len(value) == 2:
-            (field,) = struct.unpack("<H", value)
-        elif (group, element) == (0x0000, 0x1000):
-            uid = value.decode("ascii", "replace").rstrip("\0 ")
-        offset += 8 + length
-    return uid if field == 0x0001 else None
-
-
-def guard_association(
-    assoc: Association, name: str, limit: int, awaited: Callable[[str], bool] | None = None
-) -> PduGuard:
-    """Put a ``PduGuard`` between ``assoc``'s socket and pynetdicom's reader; call it when the
-    connection opens (EVT_CONN_OPEN), before the first PDU. Once it refuses, nothing more is read:
-    the peer gets an A-ABORT, and pynetdicom, handed no bytes, sees the connection closed (PS3.8
-    Evt17) and ends the association."""
-    guard = PduGuard(limit, awaited)
-    sock = assoc.dul.socket
-    assert sock is not None
-    recv = sock.recv
-    aborted: list[bool] = []
-
-    def guarded(nr_bytes: int) -> bytearray:
-        if guard.refused is None:
-            data = recv(nr_bytes)
-            if guard.feed(data):
-                return data
-        if not aborted:
-            aborted.append(True)
-            log.warning(
-                "source %s: aborted the association with %s: %s", name, peer_name(assoc), guard.refused
-            )
-            with contextlib.suppress(OSError, AttributeError):
-                sock.socket.sendall(_A_ABORT)  # type: ignore[union-attr]
-        return bytearray()
-
-    sock.recv = guarded  # type: ignore[method-assign]
-    assoc.gateway_guard = guard  # type: ignore[attr-defined]
-    return guard
-
-
-def peer_name(assoc: Association) -> str:
-    """The other end of ``assoc``, for a log line: its address, and its AE title once known."""
-    remote = assoc.remote
-    title = str(remote.get("ae_title") or "").strip()
-    where = f"{remote.get('address')}:{remote.get('port')}"
-    return f"{where} as {escape(title, 16)!r}" if title else where
-
-
-# -- the C-MOVE destination -----------------------------------------------------------------------
-_RESOLVE_EVERY = 60.0  # seconds before the PACS's host name is resolved again for an unknown peer
-
-
-class MoveListener:
-    """The Storage SCP that a C-MOVE's sub-operations come to: the PACS opens associations to
-    the move destination and sends C-STOREs on them (PS3.4 C.4.2.3). Anyone who reaches its port
-    could send, so it accepts associations from the configured PACS only:
-
-    - from an address its ``host`` resolves to, checked when the connection opens: nothing is
-      read from anyone else;
-    - calling as ``move_source_ae`` (default ``called_ae``, the title the PACS answers to) and
-      calling us as ``calling_ae``: A-ASSOCIATE-RJ otherwise (PS3.8 9.3.4, reasons 3 and 7);
-    - within ``max_instance_bytes`` per instance, and ``_UNASKED_BYTES`` for a C-STORE whose
-      command names an instance that ``awaited`` says no retrieval waits for (``PduGuard``).
-
-    AE titles are not credentials and addresses on a shared network can be spoofed: these checks
-    narrow who can send; what is kept is decided per C-STORE by ``store``, which answers its
-    status (the retrievals under way check the instance's own UIDs)."""
-
-    def __init__(
-        self,
-        name: str,
-        config: SourceConfig,
-        store: Callable[[Any], int],
-        awaited: Callable[[str], bool] | None = None,
-    ) -> None:
-        self.name = name
-        self.config = config
-        self.source_ae = config.move_source_ae or config.called_ae
-        self._store = store
-        self._awaited = awaited
-        self._allowed: frozenset[str] = frozenset()
-        self._resolved = -_RESOLVE_EVERY
-        self._lock = threading.Lock()
-        self._server: Any = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        host = listen_host(self.name, self.config)
-        port = self.config.move_destination_port or 0
-        ae = AE(ae_title=self.config.calling_ae)
-        ae.acse_timeout = self.config.deadlines.connect
-        ae.dimse_timeout = self.config.deadlines.message
-        # A connection that goes quiet is dropped: it holds one of the few association slots.
-        ae.network_timeout = self.config.deadlines.message
-        ae.require_calling_aet = [self.source_ae]
-        ae.require_called_aet = True
-        for storage in STORAGE:
-            ae.add_supported_context(storage, SYNTAXES)
-        handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, self._opened),
-            (evt.EVT_REJECTED, self._rejected),
-            (evt.EVT_C_STORE, self._store),
-        ]
-        try:
-            self._server = ae.start_server((host, port), block=False, evt_handlers=handlers)
-        except OSError as exc:
-            raise SourceUnavailable(
-                f"source {self.name}: cannot listen for C-MOVE on {host}:{port}: {exc.strerror or exc}"
-            ) from exc
-        log.info(
-            "source %s: C-MOVE destination %s listening on %s:%d for %s at %s",
-            self.name,
-            self.config.calling_ae,
-            *self.address,
-            self.source_ae,
-            self.config.host,
-        )
-
-    def accepts(self, address: str) -> bool:
-        """Whether a connection from ``address`` may come from the PACS: an address its host
-        resolves to (resolved again, at most once a minute, when a peer is not one of them)."""
-        peer = _normalized(address)
-        with self._lock:
-            if peer in self._allowed:
-                return True
-            if time.monotonic() - self._resolved < _RESOLVE_EVERY:
-                return False
-            self._resolved = time.monotonic()
-            try:
-                self._allowed = pacs_addresses(self.config.host or "")
-            except OSError as exc:
-                log.warning("source %s: cannot resolve %s: %s", self.name, self.config.host, exc)
-            return peer in self._allowed
-
-    def _opened(self, event: Any) -> None:
-        guard = guard_association(event.assoc, self.name, self.config.max_instance_bytes, self._awaited)
-        if not self.accepts(str(event.address[0])):
-            guard.refuse(f"not an address of the PACS ({self.config.host})")
-
-    def _rejected(self, event: Any) -> None:
-        requestor = event.assoc.requestor
-        called = str(getattr(requestor.primitive, "called_ae_title", "")).strip()
-        titles = (str(requestor.ae_title).strip(), called)
-        why = (
-            f"only {self.source_ae!r} may send to {self.config.calling_ae!r}"
-            if titles != (self.source_ae, self.config.calling_ae)
-            else "more associations at once than it serves"
-        )
-        log.warning(
-            "source %s: rejected an association from %s calling %r: %s",
-            self.name,
-            peer_name(event.assoc),
-            escape(called, 16),
-            why,
-        )
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-
-
-def listen_host(name: str, config: SourceConfig) -> str:
-    """Where the C-MOVE destination listens: ``move_listen_host``, else the local address this
-    machine reaches the PACS from (loopback for a PACS on this machine), the network the PACS
-    connects back on. Never every interface by default: any network the machine is on could
-    reach it."""
-    if config.move_listen_host:
-        return config.move_listen_host
-    if config.host == "localhost":
-        return "127.0.0.1"
-    try:
-        routes = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise SourceUnavailable(f"source {name}: cannot resolve {config.host}: {exc}") from exc
-    for family, kind, proto, _, address in routes:
-        with socket.socket(family, kind, proto) as probe:
-            try:
-                probe.connect(address)  # UDP: chooses the route and its source address, sends nothing
-            except OSError:
-                continue
-            return str(probe.getsockname()[0])
-    raise SourceUnavailable(
-        f"source {name}: no route to {config.host} to listen for C-MOVE on; set move_listen_host"
-    )
-
-
-def pacs_addresses(host: str) -> frozenset[str]:
-    """The addresses ``host`` resolves to (raises OSError when it does not)."""
-    found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    return frozenset(_normalized(str(address[0])) for *_, address in found)
-
-
-def _normalized(address: str) -> str:
-    """One spelling per address: no IPv6 zone, IPv4-mapped IPv6 (a dual-stack socket) as IPv4."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)

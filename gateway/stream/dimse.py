@@ -15,7 +15,7 @@ C-MOVE on our Storage SCP) is kept only when its data set's own Study, Series an
 are those of a retrieval under way, and its C-STORE names the same instance; anything else is
 refused with a C-STORE failure status and never served, cached or learnt. A C-GET that brought
 something else is an error naming what was asked and what came. Who may connect to the Storage SCP,
-and how large an instance may be, is ``associations.MoveListener``'s and ``PduGuard``'s business.
+and how large an instance may be, is ``storescp.MoveListener``'s and ``pduguard.PduGuard``'s business.
 """
 
 from __future__ import annotations
@@ -50,18 +50,11 @@ from gateway.redact import escape
 from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.registry.dicomjson import dataset_json
 from gateway.registry.store import InstanceFile, Location
-from gateway.stream.associations import (
-    QUERIES,
-    STUDY_FIND,
-    STUDY_GET,
-    STUDY_MOVE,
-    AssociationPool,
-    MoveListener,
-    peer_name,
-    refusal,
-)
+from gateway.stream.associations import QUERIES, STUDY_FIND, STUDY_GET, STUDY_MOVE, AssociationPool, refusal
 from gateway.stream.dicomfile import PixelInfo, bulk_value, frame_of
+from gateway.stream.pduguard import peer_name
 from gateway.stream.source import CHUNK, Entry
+from gateway.stream.storescp import MoveListener
 
 __all__ = ["DimseSource"]
 

@@ -30,18 +30,11 @@ from gateway.config import AuthConfig, Config, ConfigError, Deadlines, ServerCon
 from gateway.dicomweb.app import create_app
 from gateway.errors import SourceUnavailable
 from gateway.service import Gateway
-from gateway.stream import associations, dimse
-from gateway.stream.associations import (
-    STUDY_FIND,
-    STUDY_GET,
-    SYNTAXES,
-    VERIFICATION,
-    MoveListener,
-    PduGuard,
-    affected_instance,
-    listen_host,
-)
+from gateway.stream import dimse, pduguard
+from gateway.stream.associations import STUDY_FIND, STUDY_GET, SYNTAXES, VERIFICATION
 from gateway.stream.dimse import DimseSource
+from gateway.stream.pduguard import PduGuard, affected_instance
+from gateway.stream.storescp import MoveListener, listen_host
 from peers.dcmtk import dcmtk_missing, running_dcmqrscp
 from peers.gateway import dimse_source, running_gateway
 from peers.process import free_port
@@ -137,7 +130,7 @@ def test_the_affected_instance_is_read_from_a_c_store_command_only():
 
 @pytest.mark.parametrize("reads, accepted", [c[1:] for c in GUARD_CASES], ids=[c[0] for c in GUARD_CASES])
 def test_the_pdu_guard_refuses_what_passes_a_limit_before_reading_it(monkeypatch, reads, accepted):
-    monkeypatch.setattr(associations, "_UNASKED_BYTES", 100)
+    monkeypatch.setattr(pduguard, "UNASKED_BYTES", 100)
     guard = PduGuard(limit=1000, awaited=lambda uid: uid == "1.2.3")
     fed = []
     for part in (part for one in reads for part in one):
