@@ -3,17 +3,21 @@
 Every response streams from the sources, through the federation: each instance is read from the
 first of its locations that delivers, failing over before the first byte. The representation is
 negotiated for every instance before anything is sent, so a response is complete or refused (406);
-a source failing mid-stream aborts the transfer. Local frames have known sizes, so their responses
-carry a Content-Length; remote ones are sent chunked.
+a source failing mid-stream aborts the transfer. The one exception: an instance whose source has not
+said its syntax (a DIMSE PACS before its first retrieval) asked for as Explicit VR Little Endian is
+checked when it comes, and a compressed one met after the first aborts the transfer too. Local frames
+have known sizes, so their responses carry a Content-Length; remote ones are sent chunked.
 """
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio.to_thread
+import pydicom
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -93,8 +97,12 @@ def _offer_of(choices: list[tuple[Any, Offer]], chosen: Any) -> Offer:
 
 
 def _instance_offers(location: InstanceFile) -> list[Offer]:
-    if location.TransferSyntaxUID is None and location.remote:
-        return [Offer("application/dicom", UNKNOWN)]  # an upstream that does not say
+    if _unknown(location):
+        # An upstream that does not say (a DIMSE PACS before its first retrieval): as it comes, or
+        # as Explicit VR Little Endian, which a request naming no syntax means (PS3.18 Table
+        # 8.7.3-5: dicomweb-client's plain Accept) and which is checked once the instance is here
+        # (``_as_explicit_little_endian``).
+        return [Offer("application/dicom", UNKNOWN), Offer("application/dicom", EXPLICIT_LE)]
     stored = location.TransferSyntaxUID or IMPLICIT_LE
     offers = [] if stored in _NOT_FOR_WEB else [Offer("application/dicom", stored)]
     if stored in _NOT_FOR_WEB or stored == DEFLATED:
@@ -126,12 +134,14 @@ async def retrieve_instances(
         while index < len(plan):
             batch = _batch(gateway, plan, index)
             if batch:  # a run of one series from a source that sends many instances at once
-                source, files = batch
+                source, files, syntax = batch
                 _note_source(request, files[0].source)
                 received = 0
                 async for data in source.aiter_instances(files):  # type: ignore[attr-defined]
                     received += 1
-                    yield writer.part_header(len(data), files[0].TransferSyntaxUID or UNKNOWN)
+                    if syntax == EXPLICIT_LE and _unknown(files[0]):
+                        data = await _as_explicit_little_endian(data, files[0])
+                    yield writer.part_header(len(data), syntax)
                     yield data
                     yield writer.part_end
                 if received != len(files):
@@ -153,7 +163,10 @@ async def retrieve_instances(
                 yield writer.part_end
             else:
                 stored = first + b"".join([chunk async for chunk in rest])
-                data = await anyio.to_thread.run_sync(to_explicit_little_endian, stored, located.path)
+                if _unknown(located):
+                    data = await _as_explicit_little_endian(stored, located)
+                else:
+                    data = await anyio.to_thread.run_sync(to_explicit_little_endian, stored, located.path)
                 yield writer.part_header(len(data), offer.transfer_syntax) + data + writer.part_end
         yield writer.closing()
 
@@ -163,25 +176,71 @@ async def retrieve_instances(
 _BATCH = 1000  # instances asked for in one request to a source that can send many
 
 
-def _batch(gateway: Gateway, plan: list[Any], start: int) -> tuple[Any, list[InstanceFile]] | None:
+def _batch(gateway: Gateway, plan: list[Any], start: int) -> tuple[Any, list[InstanceFile], str] | None:
     """The run of instances from ``start`` that one remote source can send in one retrieval: the
-    same preferred source, the same series, sent as stored. None when there is no such run."""
+    same preferred source, the same series, sent as stored (or, their syntax unknown, as Explicit
+    VR Little Endian: ``_as_explicit_little_endian``); with the syntax of its parts. None when
+    there is no such run."""
     first, offer = plan[start][0]
     source = gateway.federation.sources.get(first.source)
-    if not first.remote or not hasattr(source, "aiter_instances") or not _as_stored(first, offer):
+    if not first.remote or not hasattr(source, "aiter_instances") or not _in_batch(first, offer):
         return None
     if gateway.federation.order([c[0] for c in plan[start]])[0] is not first:
         return None  # the preferred source is down: per instance, with failover
     series = first.path.split("/instances/")[0]
     files = []
     for choices in plan[start : start + _BATCH]:
-        location, offer = choices[0]
+        location, other = choices[0]
         if location.source != first.source or location.path.split("/instances/")[0] != series:
             break
-        if not _as_stored(location, offer) or location.TransferSyntaxUID != first.TransferSyntaxUID:
+        if other != offer or location.TransferSyntaxUID != first.TransferSyntaxUID:
             break
         files.append(location)
-    return (source, files) if len(files) > 1 else None
+    syntax = offer.transfer_syntax if _unknown(first) else first.TransferSyntaxUID or UNKNOWN
+    return (source, files, syntax) if len(files) > 1 else None
+
+
+def _in_batch(location: InstanceFile, offer: Offer) -> bool:
+    return _as_stored(location, offer) or (_unknown(location) and offer.transfer_syntax == EXPLICIT_LE)
+
+
+def _unknown(location: InstanceFile | Location) -> bool:
+    """Whether the instance's syntax is unknown until it comes (a remote source that did not say)."""
+    return location.TransferSyntaxUID is None and location.mode == "remote"
+
+
+_UNCOMPRESSED = {EXPLICIT_LE, IMPLICIT_LE, BIG_ENDIAN, DEFLATED}
+
+
+async def _as_explicit_little_endian(data: bytes, location: InstanceFile) -> bytes:
+    """An instance whose syntax was unknown until it came, asked for as Explicit VR Little Endian:
+    passed on when it came so, re-encoded from another uncompressed syntax (PS3.18 8.7.3.3.1),
+    refused when compressed (no transcoding yet): a 406 when it is the response's first
+    instance; later ones abort the response, whose earlier parts are sent (each instance's
+    syntax is known only once it is here; the next request is negotiated before the first byte,
+    with the syntaxes learnt)."""
+    syntax = await anyio.to_thread.run_sync(_syntax_of, data, location)
+    if syntax == EXPLICIT_LE:
+        return data
+    if syntax not in _UNCOMPRESSED:
+        raise NotAcceptable(
+            f"instance {location.SOPInstanceUID} came from source {location.source} in transfer syntax "
+            f"{syntax}, which cannot be sent as Explicit VR Little Endian without transcoding, which "
+            f"this gateway does not do yet: ask for transfer-syntax=* or transfer-syntax={syntax}"
+        )
+    return await anyio.to_thread.run_sync(to_explicit_little_endian, data, location.path)
+
+
+def _syntax_of(data: bytes, location: InstanceFile) -> str:
+    """The transfer syntax of a Part 10 instance, from its file meta (PS3.10 7.1)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        return str(ds.file_meta.TransferSyntaxUID)
+    except Exception as exc:  # pydicom raises many types on malformed data
+        raise SourceError(
+            f"source {location.source} sent instance {location.SOPInstanceUID} without a readable "
+            f"transfer syntax ({type(exc).__name__})"
+        ) from exc
 
 
 def _as_stored(location: InstanceFile, offer: Offer) -> bool:

@@ -1,7 +1,9 @@
 """QIDO-RS search transactions (PS3.18 10.6): index rows to DICOM JSON.
 
-Results are built from indexed columns; only attributes named by ``includefield`` that the index
-does not hold as columns are read from one instance's stored DICOM JSON.
+Results are built from indexed columns. Every returned attribute (defaults, matching keys,
+``includefield``) that the query does not select as a column (one the index does not hold, or one
+of a lower level, such as Modality at study level) is read from the stored DICOM JSON of the
+result's first instance, in the order a retrieval sends them: it is never left out.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def _run(
     returned = list(query.returned)
     if query.include_all:
         returned += [k for k in _level_attributes(query.level) if k not in returned]
-    render = _renderer(registry, query.level, rows[0].keys(), returned, base_url)
-    return [render(row) for row in rows], cut
+    render, stored = _renderer(query.level, rows[0].keys(), returned, base_url)
+    documents = _first_instances(registry, query.level, rows) if stored else {}
+    return [render(row, documents) for row in rows], cut
 
 
 def plan_query(registry: Registry, query: Query) -> tuple[str, list[Any], int]:
@@ -117,23 +120,29 @@ _DEPTH = {"study": 1, "series": 2, "instance": 3}  # UIDs in a level's RetrieveU
 
 
 def _renderer(
-    registry: Registry, level: str, keys: list[str], returned: list[str], base_url: str
-) -> Callable[[Row], dict[str, Any]]:
-    """A function from a row to its result, planned once per request: the element for each
-    returned attribute, in tag order, with its column position, VR and conversion decided here
-    rather than per row (a 1,000-result page built per row and per attribute spent ~60 us a
-    result doing so; bench/scale.py)."""
+    level: str, keys: list[str], returned: list[str], base_url: str
+) -> tuple[Callable[[Row, dict[str, Any]], dict[str, Any]], bool]:
+    """A function from a row (and the stored DICOM JSON of the page's first instances, see
+    ``_first_instances``) to its result, planned once per request: the element for each returned
+    attribute, in tag order, with its column position, VR and conversion decided here rather than
+    per row (a 1,000-result page built per row and per attribute spent ~60 us a result doing so;
+    bench/scale.py). Also returns whether any attribute is read from the stored JSON."""
     position: dict[str, int] = {}
     for index, name in enumerate(keys):
         position.setdefault(name, index)  # a repeated name: the first, as rows answer by name
     steps: list[tuple[str, Any, str, int]] = [
         ("00080005", {"vr": "CS", "Value": ["ISO_IR 192"]}, "CS", _CONSTANT)
     ]
+    key = position[_KEY[level]]
     for keyword in returned:
         vr = vr_of(keyword)
-        if keyword not in _HELD:
-            steps.append((_tag(keyword), None, vr, _STORED))  # read from one instance's DICOM JSON
-        elif keyword in position:
+        if keyword not in _HELD or keyword not in position:
+            # Not a column of this query (the index does not hold it, or it belongs to a lower
+            # level): from the stored JSON, never left out. PS3.18 10.6.3.3: what includefield
+            # names and the matching keys are returned (a column forgotten in the SELECT once made
+            # ContentDate and ContentTime vanish without a word).
+            steps.append((_tag(keyword), key, vr, _STORED))
+        else:
             kind = (
                 _MODALITIES
                 if keyword == "ModalitiesInStudy"
@@ -152,10 +161,9 @@ def _renderer(
     plan = tuple(steps)
     segments = ("/studies/", "/series/", "/instances/")
 
-    def render(row: Row) -> dict[str, Any]:
+    def render(row: Row, documents: dict[str, Any]) -> dict[str, Any]:
         values = tuple(row)  # positions by C indexing, not a row class's own __getitem__
         out: dict[str, Any] = {}
-        stored: dict[str, Any] | None = None
         for tag, where, vr, kind in plan:
             if kind == _TEXT:  # most attributes: tested first
                 value = values[where]
@@ -183,13 +191,11 @@ def _renderer(
             elif kind == _MODALITIES:  # the distinct modalities of the study's series, as aggregated
                 value = values[where]
                 out[tag] = {"vr": vr, "Value": sorted(set(value.split(",")))} if value else {"vr": vr}
-            else:  # _STORED: read from one instance's DICOM JSON, once per result
-                if stored is None:
-                    stored = _stored_metadata(registry, level, row)
-                out[tag] = stored.get(tag, {"vr": vr})
+            else:  # _STORED: from the result's first instance's DICOM JSON
+                out[tag] = documents.get(values[where], {}).get(tag, {"vr": vr})
         return out
 
-    return render
+    return render, any(step[3] == _STORED for step in plan)
 
 
 def _level_attributes(level: str) -> list[str]:
@@ -214,19 +220,32 @@ def _check_scope(registry: Registry, scope: dict[str, str]) -> None:
         raise not_found(scope)
 
 
-def _stored_metadata(registry: Registry, level: str, row: Row) -> dict[str, Any]:
-    if level == "instance":
-        found = registry.query(
-            "SELECT metadata FROM instances WHERE SOPInstanceUID=?", (row["SOPInstanceUID"],)
-        )
-    elif level == "series":
-        found = registry.query(
-            "SELECT metadata FROM instances WHERE SeriesInstanceUID=? LIMIT 1", (row["SeriesInstanceUID"],)
-        )
-    else:
-        found = registry.query(
-            "SELECT i.metadata FROM instances i JOIN series se ON se.SeriesInstanceUID = "
-            "i.SeriesInstanceUID WHERE se.StudyInstanceUID=? LIMIT 1",
-            (row["StudyInstanceUID"],),
-        )
-    return orjson.loads(found[0][0]) if found else {}
+# The stored DICOM JSON of each result's first instance, in the order a retrieval sends them
+# (series number, then instance number): one statement per page rather than one per result, and the
+# same instance every time (an arbitrary one, LIMIT 1 of a join, gave answers that changed with the
+# plan). Each step is an index seek: a study's first series (series_study_order), that series'
+# first instance (instances_series_order).
+_FIRST_INSTANCE = {
+    "instance": "SELECT i.SOPInstanceUID, i.metadata FROM instances i WHERE i.SOPInstanceUID IN ({})",
+    "series": "SELECT se.SeriesInstanceUID, (SELECT z.metadata FROM instances z "
+    "WHERE z.SeriesInstanceUID = se.SeriesInstanceUID ORDER BY z.InstanceNumber, z.SOPInstanceUID LIMIT 1) "
+    "FROM series se WHERE se.SeriesInstanceUID IN ({})",
+    "study": "SELECT st.StudyInstanceUID, (SELECT z.metadata FROM instances z WHERE z.SeriesInstanceUID = "
+    "(SELECT x.SeriesInstanceUID FROM series x WHERE x.StudyInstanceUID = st.StudyInstanceUID "
+    "ORDER BY x.SeriesNumber, x.SeriesInstanceUID LIMIT 1) "
+    "ORDER BY z.InstanceNumber, z.SOPInstanceUID LIMIT 1) FROM studies st WHERE st.StudyInstanceUID IN ({})",
+}
+_KEY = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID"}
+_IN_LIST = 500  # UIDs in one IN (...): far below both databases' parameter limits
+
+
+def _first_instances(registry: Registry, level: str, rows: list[Row]) -> dict[str, Any]:
+    """The parsed DICOM JSON of each row's first instance, by the row's UID at ``level``."""
+    uids = list(dict.fromkeys(row[_KEY[level]] for row in rows))
+    out: dict[str, Any] = {}
+    for start in range(0, len(uids), _IN_LIST):
+        chunk = uids[start : start + _IN_LIST]
+        sql = _FIRST_INSTANCE[level].format(",".join("?" * len(chunk)))
+        for uid, metadata in registry.query(sql, chunk):
+            out[uid] = orjson.loads(metadata) if metadata is not None else {}
+    return out

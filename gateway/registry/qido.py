@@ -1,8 +1,9 @@
 """QIDO-RS queries: parse the query string into a ``Query`` (pure), compile it to SQL (pure).
 
 Matching follows PS3.18 8.3.4 and PS3.4 C.2.2.2: single value, wildcards ``*`` and ``?``, UID lists,
-DA/TM ranges, universal (empty) matching; person names match case- and accent-insensitively, and with
-``fuzzymatching=true`` each word of the query matches the start of a name component. Every value is
+DA/TM ranges, universal (empty, or ``*`` alone) matching; person names match case- and
+accent-insensitively, and with ``fuzzymatching=true`` each word of the query matches the start of a
+word of the name (its components split at spaces: ``gall`` finds ``LE GALL^MARIE``). Every value is
 a bound parameter; column names come only from the attribute catalogue.
 """
 
@@ -18,6 +19,7 @@ import orjson
 from gateway.errors import QueryError
 from gateway.registry.attributes import (
     DEFAULTS,
+    INSTANCE,
     MATCHING,
     PATIENT,
     SERIES,
@@ -204,7 +206,7 @@ def _attribute(name: str, what: str) -> str:
 
 
 def _words(folded: str) -> list[str]:
-    """The words of a name that fuzzy matching looks for (each must begin a name component)."""
+    """The words of a name that fuzzy matching looks for (each must begin a word of the name)."""
     return [word for word in _WORD_SEPARATORS.split(folded) if word]
 
 
@@ -255,6 +257,10 @@ def _match(keyword: str, value: str) -> Match:
             )
         return Match(keyword, "single", (str(int(value)),))
     if vr in _WILDCARD_VRS and ("*" in value or "?" in value):
+        if not value.strip("*"):
+            # PS3.4 C.2.2.2.4: "*" matches any value, a zero-length one included (its Note: the
+            # same as universal matching); a pattern never matches an absent column (NULL).
+            return Match(keyword, "universal", ())
         return Match(keyword, "wildcard", (value,))
     return Match(keyword, "single", (value,))
 
@@ -278,9 +284,10 @@ _ORDER = {
 _SERIES_COLUMNS = tuple(c for c in SERIES_COLUMNS if c != "StudyInstanceUID") + (
     "NumberOfSeriesRelatedInstances",
 )
-_INSTANCE_FIELDS = (
-    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames",
-)  # fmt: skip
+# Every instance column, by the catalogue: a list of its own left ContentDate and ContentTime out,
+# and they were never returned, not even as the matching key (PS3.18 10.6.3.3; PS3.4 C.2.2.1: a key
+# given a value is matched and returned).
+_INSTANCE_FIELDS = INSTANCE
 _UNINDEXED_DATE = "(st.StudyDate || '')"  # the same order, which PostgreSQL cannot read off an index
 _TIME_COLUMNS = {"StudyTime", "SeriesTime", "ContentTime", "PerformedProcedureStepStartTime"}
 
@@ -476,8 +483,9 @@ def _name_condition(
 ) -> None:
     folded = fold_text(value)
     if fuzzy:
-        # Each query word must begin some component of the name (family, given, ...): for the
-        # patient's name, a prefix search in its word table (an index range).
+        # Each query word must begin some word of the name (of its family, given, ... components,
+        # split at spaces too, so that "gall" finds "LE GALL"): for the patient's name, a prefix
+        # search in its word table (an index range).
         for word in _words(folded):
             if col == "p.PatientName":
                 where.append("p.id IN (SELECT w.patient FROM patient_words w WHERE w.word GLOB ?)")

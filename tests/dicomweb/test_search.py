@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
 import pytest
+from pydicom.datadict import tag_for_keyword
+
+from gateway.config import AuthConfig, Config, ServerConfig
+from gateway.dicomweb.app import create_app
+from gateway.registry.attributes import COMPUTED, LEVEL_COLUMNS, MATCHING, vr_of
+from gateway.registry.qido import compile_query, parse_qido
+from gateway.registry.record import record_from_json
+from gateway.registry.store import Harvested, Registry
+from gateway.service import Gateway
+from tests.backends import Databases
+from tests.conftest import Client
 
 
 def uids(response, tag: str = "0020000D") -> set[str]:
@@ -183,3 +197,168 @@ def test_unknown_path_gets_404_with_a_reason(client):
     response = client.get("/dicom-web/patients")
     assert response.status_code == 404
     assert "/dicom-web/patients" in response.text
+
+
+# -- every attribute the index holds is returned ---------------------------------------------------
+# Over a registry of two studies (one instance each) that carry every indexed attribute with
+# values that differ between them. PS3.18 10.6.3.3: an attribute named by includefield, and a
+# matching key, are returned; none may vanish (ContentDate and ContentTime once did).
+
+HELD = tuple(LEVEL_COLUMNS["study"] + LEVEL_COLUMNS["series"] + LEVEL_COLUMNS["instance"])
+LEVEL_OF = {k: level for level, keys in LEVEL_COLUMNS.items() for k in keys}
+LEVEL_OF.update({k: level for level, keys in COMPUTED.items() for k in keys})
+ABOVE = {"study": {"study"}, "series": {"study", "series"}, "instance": {"study", "series", "instance"}}
+RESOURCE = {"study": "studies", "series": "series", "instance": "instances"}
+UID_KEY = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID"}
+
+
+def _value(keyword: str, n: int) -> Any:
+    """Instance ``n``'s value of ``keyword``, in DICOM JSON (different for n = 1 and n = 2)."""
+    vr = vr_of(keyword)
+    special = {
+        "PatientSex": "FM"[n - 1],
+        "Modality": ("CT", "MR")[n - 1],
+        "TimezoneOffsetFromUTC": ("+0100", "-0500")[n - 1],
+        "PatientName": {"Alphabetic": ("Lefèvre^Élise", "Martin^Paul")[n - 1]},
+        "ReferringPhysicianName": {"Alphabetic": ("Weiß^Anna", "Roux^Jean")[n - 1]},
+    }
+    if keyword in special:
+        return special[keyword]
+    if vr == "UI":
+        return f"1.2.826.0.1.3680043.2.1125.{9 + n}.{len(keyword)}.{tag_for_keyword(keyword)}"
+    if vr == "DA":
+        return f"2021031{n}"
+    if vr == "TM":
+        return f"10{n}5{n}0"
+    if vr in ("IS", "US"):
+        return 10 * n + len(keyword)
+    return f"{keyword[:8].upper()}-{n}"
+
+
+def _every_keyword_body(n: int) -> dict[str, Any]:
+    body = {_tag(k): {"vr": vr_of(k), "Value": [_value(k, n)]} for k in HELD}
+    body["00081030"]["Value"] = [f"SCANNER [{n}] 100%_x"]  # GLOB and LIKE special characters
+    return body
+
+
+def _tag(keyword: str) -> str:
+    return f"{tag_for_keyword(keyword):08X}"
+
+
+class Every(NamedTuple):
+    client: Client
+    registry: Registry
+
+    def get(self, url: str, **kwargs: Any) -> Any:
+        return self.client.get(url, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def every(tmp_path_factory: pytest.TempPathFactory, registry_urls: Databases) -> Iterator[Every]:
+    url = registry_urls.url(tmp_path_factory.mktemp("every") / "registry.db")
+    gateway = Gateway(Config(ServerConfig(), url, (), auth=AuthConfig(open=True)))
+    with gateway.registry.transaction() as conn:
+        items = [Harvested(f"{n}.dcm", 1, 1, record_from_json(_every_keyword_body(n))) for n in (1, 2)]
+        gateway.registry.put_instances(conn, "src", items)
+    yield Every(Client(create_app(gateway)), gateway.registry)
+    gateway.registry.close()
+
+
+def _expected(keyword: str, level: str) -> dict[str, Any] | None:
+    """Instance 1's element as a result at ``level`` carries it; None: present, value not asserted
+    (a count of a lower level, which no stored DICOM JSON holds)."""
+    if keyword in COMPUTED[LEVEL_OF[keyword]]:
+        if LEVEL_OF[keyword] not in ABOVE[level]:
+            return None
+        if keyword == "ModalitiesInStudy":
+            return {"vr": "CS", "Value": [_value("Modality", 1)]}
+        return {"vr": "IS", "Value": [1]}
+    return _every_keyword_body(1)[_tag(keyword)]
+
+
+def _only(response, level: str) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    items = response.json()
+    assert [i[_tag(UID_KEY[level])]["Value"] for i in items] == [[_value(UID_KEY[level], 1)]]
+    return items[0]
+
+
+@pytest.mark.parametrize(
+    "level,keyword",
+    [(level, k) for level in RESOURCE for k in HELD + tuple(k for c in COMPUTED.values() for k in c)],
+    ids=lambda v: v,
+)
+def test_every_attribute_the_index_holds_is_returned_by_includefield(every, level, keyword):
+    uid = _value(UID_KEY[level], 1)
+    for name in (keyword, _tag(keyword)):
+        response = every.get(
+            f"/dicom-web/{RESOURCE[level]}", params={UID_KEY[level]: uid, "includefield": name}
+        )
+        item = _only(response, level)
+        assert _tag(keyword) in item, f"{keyword} asked for and not returned"
+        expected = _expected(keyword, level)
+        if expected is not None:
+            assert item[_tag(keyword)] == expected
+
+
+@pytest.mark.parametrize(
+    "level,keyword", [(level, k) for level in RESOURCE for k in MATCHING[level]], ids=lambda v: v
+)
+def test_every_matching_key_is_returned_with_what_it_matched(every, level, keyword):
+    if keyword == "ModalitiesInStudy":
+        value = _value("Modality", 1)
+    else:
+        element = _every_keyword_body(1)[_tag(keyword)]["Value"][0]
+        value = element["Alphabetic"] if isinstance(element, dict) else str(element)
+    item = _only(every.get(f"/dicom-web/{RESOURCE[level]}", params={keyword: value}), level)
+    assert item.get(_tag(keyword)) == _expected(keyword, level), f"{keyword} matched and not returned"
+
+
+@pytest.mark.parametrize("level", list(RESOURCE))
+def test_includefield_all_returns_every_attribute_of_the_level_and_above(every, level):
+    uid = _value(UID_KEY[level], 1)
+    item = _only(
+        every.get(f"/dicom-web/{RESOURCE[level]}", params={UID_KEY[level]: uid, "includefield": "all"}), level
+    )
+    for keyword, home in LEVEL_OF.items():
+        if home in ABOVE[level]:
+            assert item.get(_tag(keyword)) == _expected(keyword, level), keyword
+
+
+@pytest.mark.parametrize("level", list(RESOURCE))
+def test_a_query_selects_every_attribute_of_its_level_and_above_as_a_column(every, level):
+    # What is not selected is read from the stored JSON, a statement more per page: the index's
+    # own attributes must never need it.
+    sql, params, _ = compile_query(parse_qido([], level), every.registry.dialect)
+    keys = set(every.registry.query(sql, params)[0].keys())
+    assert {k for k, home in LEVEL_OF.items() if home in ABOVE[level]} <= keys
+
+
+@pytest.mark.parametrize(
+    "pattern", ["SCANNER [1]*", "*[1] 100%_x", "SCANNER ?1]*", "*1] 100%_*", "*1]*"], ids=lambda v: v
+)
+def test_wildcards_take_sql_pattern_characters_literally(every, pattern):
+    # Only * and ? are wildcards (PS3.4 C.2.2.2.4): GLOB's [ ] and LIKE's % _ are plain text.
+    response = every.get("/dicom-web/studies", params={"StudyDescription": pattern})
+    item = _only(response, "study")
+    assert item["00081030"]["Value"] == ["SCANNER [1] 100%_x"]
+
+
+@pytest.mark.parametrize("level", list(RESOURCE))
+def test_a_lone_star_matches_what_lacks_the_attribute_too(every, level):
+    # PS3.4 C.2.2.2.4: "*" matches any value, zero-length included (universal matching). Study 2
+    # has no TimezoneOffsetFromUTC at all; SQL's pattern match would have left it out.
+    body = _every_keyword_body(2)
+    del body[_tag("TimezoneOffsetFromUTC")]
+    _rewrite(every.registry, body)
+    try:
+        response = every.get(f"/dicom-web/{RESOURCE[level]}", params={"TimezoneOffsetFromUTC": "*"})
+        assert response.status_code == 200
+        assert len(response.json()) == 2
+    finally:
+        _rewrite(every.registry, _every_keyword_body(2))
+
+
+def _rewrite(registry: Registry, body: dict[str, Any]) -> None:
+    with registry.transaction() as conn:
+        registry.put_instances(conn, "src", [Harvested("2.dcm", 1, 1, record_from_json(body))])

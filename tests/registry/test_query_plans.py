@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.synthetic import generate
+from gateway.dicomweb.search import _FIRST_INSTANCE
 from gateway.registry.qido import compile_query, parse_qido
 from gateway.registry.store import Registry
 
@@ -37,3 +38,16 @@ def test_a_query_naming_nothing_reads_in_answer_order(registry, level):
 def test_a_name_prefix_finds_the_patients_by_their_name_index(registry):
     plan = _plan(registry, "study", [("PatientName", "MART*")])
     assert "patients_name" in plan, plan
+
+
+@pytest.mark.parametrize(
+    "level,table", [("study", "studies"), ("series", "series"), ("instance", "instances")]
+)
+def test_the_stored_json_of_a_page_is_found_by_index_seeks(registry, level, table):
+    # Attributes read from the stored DICOM JSON (includefield=Modality at study level, as OHIF
+    # sends it): one statement per page, each result's first instance found without a scan or sort.
+    key = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID"}[level]
+    uids = [row[0] for row in registry.query(f"SELECT {key} FROM {table} LIMIT 3")]
+    sql = _FIRST_INSTANCE[level].format(",".join("?" * len(uids)))
+    plan = "\n".join(row[3] for row in registry.query("EXPLAIN QUERY PLAN " + sql, uids))
+    assert "SCAN" not in plan and "TEMP B-TREE" not in plan, plan

@@ -202,3 +202,19 @@ def test_bulk_data_other_than_pixels_comes_over_dimse_too(tmp_path):
             response = httpx.get(uri, headers=ANY_FRAME, timeout=30)
     assert response.status_code == 200
     assert ds.ICCProfile in response.content
+
+
+def test_a_plain_accept_gets_explicit_little_endian_before_and_after_the_syntax_is_known(pacs, tmp_path):
+    # dicomweb-client's default Accept names no transfer syntax: Explicit VR Little Endian (PS3.18
+    # Table 8.7.3-5), as if named. Before the first retrieval the gateway does not know what the PACS
+    # stores: big endian and deflated instances come re-encoded, explicit little endian ones as sent.
+    paths = [p for p in UNCOMPRESSED if "A1002" in str(p)]  # big endian, deflated, explicit LE
+    files = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in paths)}
+    study = str(next(iter(files.values())).StudyInstanceUID)
+    with running_gateway(dimse_source("plain", pacs.port, pacs.aet), tmp_path) as gateway:
+        for attempt in ("syntax unknown", "syntax learnt"):
+            instances = DICOMwebClient(url=gateway).retrieve_study(study)
+            assert {str(i.SOPInstanceUID) for i in instances} == set(files), attempt
+            for instance in instances:
+                assert instance.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1", attempt
+                assert (instance.pixel_array == files[str(instance.SOPInstanceUID)].pixel_array).all()
