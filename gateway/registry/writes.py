@@ -14,7 +14,7 @@ import orjson
 
 from gateway.registry.arbitration import Verdict, arbitrate, fingerprint
 from gateway.registry.record import InstanceRecord
-from gateway.registry.schema import AGGREGATE, PATIENT_COLUMNS
+from gateway.registry.schema import AGGREGATE, INSTANCE_COLUMNS, PATIENT_COLUMNS
 from gateway.stream.dicomfile import PixelInfo
 
 __all__ = ["Harvested", "put_instances", "put_records", "put_reject", "remove_paths", "upsert"]
@@ -130,8 +130,9 @@ def put_records(
         study_patient[study_uid] = key
         studies.setdefault(study_uid, {}).update(record.study)
         series.setdefault(series_uid, {}).update(record.series, StudyInstanceUID=study_uid)
+        # Every column: a copy that lacks an attribute must not keep another copy's value of it.
         instances.setdefault(instance_uid, {}).update(
-            record.instance,
+            {name: record.instance.get(name) for name in INSTANCE_COLUMNS},
             SeriesInstanceUID=series_uid,
             metadata=record.metadata,
             held_by=source,
@@ -269,10 +270,14 @@ def _forget_path(conn: Any, source: str, path: str, series: set[str], studies: s
     conn.execute("DELETE FROM locations WHERE source=? AND path=?", (source, path))
     uid = row[0]
     if conn.execute("SELECT 1 FROM locations WHERE SOPInstanceUID=?", (uid,)).fetchone():
-        # Still held elsewhere; if its metadata was this source's, the next holder to write sets it.
-        conn.execute(
-            "UPDATE instances SET held_by = NULL WHERE SOPInstanceUID=? AND held_by=?", (uid, source)
-        )
+        # Still held elsewhere. If its metadata was this source's, the remaining copies are read
+        # again by their sources' next harvest (their change tokens forgotten), so that what QIDO
+        # shows is theirs and not the departed copy's.
+        if conn.execute(
+            "SELECT 1 FROM instances WHERE SOPInstanceUID=? AND held_by=?", (uid, source)
+        ).fetchone():
+            conn.execute("UPDATE instances SET held_by = NULL WHERE SOPInstanceUID=?", (uid,))
+            conn.execute("UPDATE locations SET mtime_ns = -1 WHERE SOPInstanceUID=?", (uid,))
         return
     found = conn.execute(
         "SELECT i.SeriesInstanceUID, se.StudyInstanceUID FROM instances i LEFT JOIN series se "

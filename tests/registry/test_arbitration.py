@@ -154,3 +154,20 @@ def test_an_instance_moved_to_another_series_and_study_leaves_true_counts_and_no
     # series and study hold nothing and are gone.
     assert old_series not in found and old_study not in found
     assert [row["SOPInstanceUID"] for row in registry.conflicts("copy")] == [str(first.SOPInstanceUID)]
+
+
+def test_when_the_copy_that_set_the_metadata_goes_the_remaining_copy_sets_it_again(tmp_path, registry):
+    main = write(tmp_path / "main", "a.dcm", ContentTime="110000")
+    write(tmp_path / "copy", "a.dcm", ContentTime="100000")  # the same instance, otherwise
+    harvest(registry, FolderSource("copy", tmp_path / "copy"))
+    harvest(registry, FolderSource("main", tmp_path / "main"))
+    uid = str(main.SOPInstanceUID)
+    assert (
+        registry.query("SELECT ContentTime FROM instances WHERE SOPInstanceUID=?", (uid,))[0][0] == "110000"
+    )
+    (tmp_path / "main" / "a.dcm").unlink()
+    harvest(registry, FolderSource("main", tmp_path / "main"))
+    harvest(registry, FolderSource("copy", tmp_path / "copy"))  # its file unchanged: read again
+    assert (
+        registry.query("SELECT ContentTime FROM instances WHERE SOPInstanceUID=?", (uid,))[0][0] == "100000"
+    )
