@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from gateway.errors import DicomFileError, GatewayError
+from gateway.redact import escape
 from gateway.registry.record import InstanceRecord, build_record, record_from_json
 from gateway.registry.store import Harvested, Registry, SourceStats
 from gateway.stream.dicomfile import PixelInfo
@@ -80,7 +81,7 @@ def harvest(
             for entry, record, pixel, reason in parsed:
                 if record is None:
                     stats.failed += 1
-                    log.warning("source %s: %s not indexed: %s", source.name, entry.path, reason)
+                    log.warning("source %s: %s not indexed: %s", source.name, escape(entry.path), reason)
                     registry.put_reject(
                         conn, source.name, entry.path, entry.size, entry.mtime_ns, reason or "unreadable"
                     )
@@ -88,7 +89,7 @@ def harvest(
                     indexed.append(Harvested(entry.path, entry.size, entry.mtime_ns, record, pixel))
             conflicts = registry.put_instances(conn, source.name, indexed)
         for path, reason in conflicts.items():
-            log.warning("source %s: %s conflicts, not served: %s", source.name, path, reason)
+            log.warning("source %s: %s conflicts, not served: %s", source.name, escape(path), reason)
         stats.conflicts += len(conflicts)
         stats.indexed += len(indexed) - len(conflicts)
         registry.wrote(len(indexed))

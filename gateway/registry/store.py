@@ -55,6 +55,9 @@ class Location:
     frame_error: str | None
     swap: int
     SOPClassUID: str | None = None
+    # When the indexed file was last modified (a folder's), with ``size`` what it must still be
+    # before a byte of it is served; None for remote sources.
+    mtime_ns: int | None = None
 
 
 class InstanceFile(NamedTuple):
@@ -65,6 +68,7 @@ class InstanceFile(NamedTuple):
     SOPInstanceUID: str
     mode: str | None = None
     SOPClassUID: str | None = None
+    mtime_ns: int | None = None  # as ``Location.mtime_ns``
 
     @property
     def remote(self) -> bool:
@@ -269,6 +273,7 @@ class Registry:
                     frame_error=row["frame_error"],
                     swap=row["swap"] or 0,
                     SOPClassUID=row["SOPClassUID"],
+                    mtime_ns=row["mtime_ns"],
                 )
             )
         return list(by_instance.values())
@@ -310,15 +315,16 @@ class Registry:
         ~150 bytes an instance, so a 4,000-instance study costs well under a megabyte."""
         rows = self.query(
             _in_study_order(
-                "l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID, l.mode, i.SOPClassUID",
+                "l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID, l.mode, i.SOPClassUID, "
+                "l.mtime_ns",
                 where,
             ),
             params,
         )
         by_instance: dict[str, list[InstanceFile]] = {}
-        for source, path, size, syntax, uid, mode, sop_class in rows:
+        for source, path, size, syntax, uid, mode, sop_class, mtime_ns in rows:
             by_instance.setdefault(uid, []).append(
-                InstanceFile(source, path, size, syntax, uid, mode, sop_class)
+                InstanceFile(source, path, size, syntax, uid, mode, sop_class, mtime_ns)
             )
         return list(by_instance.values())
 

@@ -1,13 +1,20 @@
 """Reading one DICOM file's header and locating its pixel data, for harvest.
 
-Only the header is parsed (pydicom, ``stop_before_pixels``); the Pixel Data element header is then read
-by hand to build the frame byte map (``framemap``). Pixel values are never loaded.
+The header is every element but the pixel data: pydicom parses up to the first pixel element
+(``stop_before_pixels``), the pixel element's own header is read by hand to build the frame byte map
+(``framemap``) and to find where its value ends, and pydicom parses again from there: private groups
+after Pixel Data (7FE1, 8E05 in real files) and trailing padding are part of the header too. Pixel
+values are never loaded; a file whose pixel data ends the file (nearly all) costs no extra read.
 
 How frames are served later depends on the transfer syntax, decided here once per file:
 
 * ``direct``: frames are byte ranges of the file (explicit/implicit VR little endian, encapsulated);
 * ``swap``: byte ranges, then byte-swapped to little endian (explicit VR big endian, PS3.5 A.3);
 * ``decode``: the file is deflated (PS3.5 A.5); frames need the dataset inflated first.
+
+Hostile files are refused with a reason (``DicomFileError``), never read without bound: a header
+past ``MAX_HEADER_BYTES`` (before and after the pixel data together), a deflated dataset that
+inflates past ``MAX_INFLATED_BYTES``, tables and fragment counts past ``framemap``'s limits.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +33,28 @@ import pydicom.config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_generator, read_preamble
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
 from gateway.errors import DicomFileError, NotFound
 from gateway.stream import framemap
 
-__all__ = ["PixelInfo", "read_header", "frame_of", "bulk_value", "to_little_endian", "MAX_HEADER_BYTES"]
+__all__ = [
+    "PixelInfo",
+    "read_header",
+    "frame_of",
+    "bulk_value",
+    "to_little_endian",
+    "MAX_HEADER_BYTES",
+    "MAX_INFLATED_BYTES",
+]
 
 # Real archives hold many slightly invalid values (an IS of "1A", a 65-character UID): index them
 # as they are, without one warning per element; values that cannot be converted at all still make
@@ -44,8 +63,18 @@ pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 # Hostile files: a header larger than this is refused (real headers are a few KiB to a few MiB).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+# pydicom inflates a deflated dataset whole, in memory, before parsing it (and again for each
+# frame served): a few kilobytes can inflate to gigabytes. Real deflated files are small (SR, ECG).
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
 _PIXEL_DATA = 0x7FE00010
+# Float and Double Float Pixel Data are pixel data too (pydicom stops before any of the three).
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, _PIXEL_DATA})
 _UNDEFINED = 0xFFFFFFFF
+_TRAILING_PADDING = 0xFFFCFFFC  # Data Set Trailing Padding: no meaning (PS3.10 7.2), never indexed
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode("ascii")
+_PEEK = 4096  # bytes read to learn the transfer syntax: a file meta group is ~200 bytes
+_LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
+_KNOWN_VRS = frozenset(vr.encode("ascii") for vr in STANDARD_VR)
 
 
 @dataclass(frozen=True)
@@ -64,8 +93,9 @@ class PixelInfo:
 
 
 def read_header(path: Path | BinaryIO) -> tuple[Dataset, PixelInfo | None]:
-    """Parse a file's header (a path, or a seekable file object such as an instance received
-    over DIMSE); return the dataset (without Pixel Data) and its pixel info."""
+    """Parse a file's header (a path, or a seekable file object: an instance received over DIMSE,
+    a file the folder source opened); return the dataset (every element but pixel data, those
+    after it included) and its pixel info."""
     try:
         if isinstance(path, Path | str):
             with open(path, "rb") as fp:
@@ -89,56 +119,183 @@ def read_header(path: Path | BinaryIO) -> tuple[Dataset, PixelInfo | None]:
 
 
 def _read_header(fp: BinaryIO, size: int) -> tuple[Dataset, PixelInfo | None]:
-    ds = pydicom.dcmread(fp, stop_before_pixels=True)
-    if fp.tell() > MAX_HEADER_BYTES:
+    if _deflated(fp):
+        return _read_deflated(fp)
+    fp.seek(0)
+    # defer_size: no value larger than a whole header may hold is read into memory; the file is
+    # then refused below (its position is past the limit, or past the end of a lying file).
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=MAX_HEADER_BYTES)
+    head = fp.tell()
+    if head > size:
+        raise DicomFileError(
+            f"truncated: an element's length runs {head - size} bytes past the end of the file"
+        )
+    if head > MAX_HEADER_BYTES:
         raise DicomFileError(f"header larger than {MAX_HEADER_BYTES} bytes")
-    pixel = _pixel_info(fp, ds, size)
+    pixel = _read_rest(fp, ds, size, MAX_HEADER_BYTES - head)
     if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
         raise DicomFileError("missing SOPInstanceUID, StudyInstanceUID or SeriesInstanceUID")
     return ds, pixel
 
 
-def _pixel_info(fp: BinaryIO, ds: Dataset, size: int) -> PixelInfo | None:
+def _syntax(ds: Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
-    ts = UID(str(meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))) if meta else ImplicitVRLittleEndian
-    if "Rows" not in ds or "Columns" not in ds:
-        return None
-    if ts == DeflatedExplicitVRLittleEndian:
-        # The file position is inside pydicom's inflated copy, not the file: decode on request.
-        frame_len = _frame_length(ds)
-        count = _number(ds, "NumberOfFrames", 1) or 1
-        vr = "OW" if _number(ds, "BitsAllocated", 16) > 8 else "OB"
-        return PixelInfo(str(ts), "decode", False, vr, -1, -1, {"decode": [frame_len, count]})
-    position = fp.tell()
-    little = ts != ExplicitVRBigEndian
-    header = fp.read(12)
-    if len(header) < 8:
-        return None
-    tag = _tag(header[:4], little)
-    if tag != _PIXEL_DATA:
-        return None
-    implicit = ts == ImplicitVRLittleEndian
-    if implicit:
-        vr = "OW" if _number(ds, "BitsAllocated", 16) > 8 else "OB"
-        (length,) = struct.unpack("<I", header[4:8])
-        value_offset = position + 8
-    else:
-        vr = header[4:6].decode("ascii", "replace")
-        (length,) = struct.unpack("<I" if little else ">I", header[8:12])
-        value_offset = position + 12
-    count = _number(ds, "NumberOfFrames", 1) or 1
-    encapsulated = length == _UNDEFINED
-    frames: framemap.Packed | None = None
-    error: str | None = None
+    return UID(str(meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))) if meta else ImplicitVRLittleEndian
 
+
+def _encoding(ds: Dataset) -> tuple[bool, bool]:
+    """(implicit VR, little endian) as pydicom read the dataset: it switches to implicit VR when
+    the data says so whatever the file meta claims, and the pixel element is encoded as the rest."""
+    for tag in reversed(list(ds.keys())):  # the last raw element: a converted one has no flags
+        element = ds.get_item(tag)
+        if isinstance(element, RawDataElement):
+            return element.is_implicit_VR, element.is_little_endian
+    syntax = _syntax(ds)
+    return syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian
+
+
+def _read_rest(fp: BinaryIO, ds: Dataset, size: int, budget: int) -> PixelInfo | None:
+    """From the first pixel element on: its pixel info, and the elements after it added to ``ds``
+    (at most ``budget`` bytes of them), as pydicom's full read would hold them."""
+    implicit, little = _encoding(ds)
+    pixel: PixelInfo | None = None
+    after: list[Any] = []  # raw elements, and sequences of undefined length already parsed
+    stopped: list[int] = []
+
+    def at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            stopped.append(tag)
+            return True
+        return False
+
+    position: int | None = fp.tell()
+    while position is not None and position < size:
+        found, position = _skip_pixels(fp, ds, size, position, implicit, little, pixel is None)
+        pixel = pixel or found
+        if position is None or position >= size:
+            break
+        if size - position > budget:
+            raise DicomFileError(
+                f"{size - position} bytes follow the pixel data: more than a header may hold "
+                f"({MAX_HEADER_BYTES} bytes)"
+            )
+        fp.seek(position)
+        stopped.clear()
+        # The generator, not read_dataset: no guess at the VR encoding from the first element
+        # here (pydicom's full read makes none past the start of the dataset either).
+        after += data_element_generator(fp, implicit, little, at_pixels, None, _charset(ds))
+        budget -= fp.tell() - position
+        if not stopped:
+            break  # the end of the file, or a stray delimiter where pydicom's own read stops too
+        position = fp.tell()
+    # Elements are in increasing tag order (PS3.5 7.1): what follows pixel data in a file is above
+    # (7FE0,0010). Anything else there is not an element of this dataset (zero padding reads as
+    # (0000,0000) elements) and must not override one read before the pixels (a UID).
+    after = [e for e in after if e.tag > _PIXEL_DATA and e.tag != _TRAILING_PADDING]
+    if after:
+        if pixel is not None and _PIXEL_DATA not in ds:
+            # Holds Pixel Data's place, so that the DICOM JSON keeps tag order; the record
+            # replaces it with the BulkDataURI of the frames.
+            ds[_PIXEL_DATA] = RawDataElement(BaseTag(_PIXEL_DATA), pixel.vr, 0, None, 0, implicit, little)
+        for element in after:
+            ds[element.tag] = element
+    return pixel
+
+
+def _charset(ds: Dataset) -> Any:
+    # What pydicom hands the items of a sequence read after (0008,0005): their text's encoding.
+    return ds._character_set
+
+
+def _skip_pixels(
+    fp: BinaryIO, ds: Dataset, size: int, position: int, implicit: bool, little: bool, first: bool
+) -> tuple[PixelInfo | None, int | None]:
+    """Read the pixel elements' headers at ``position`` (Pixel Data, and Float / Double Float Pixel
+    Data): the pixel info of Pixel Data (when ``first``), and where the next element starts (None
+    when the value runs past the end of the file: nothing follows that can be read)."""
+    pixel: PixelInfo | None = None
+    while position < size:
+        fp.seek(position)
+        header = fp.read(12)
+        if len(header) < 8:
+            return pixel, None
+        tag = _tag(header[:4], little)
+        if tag not in _PIXEL_TAGS:
+            return pixel, position
+        if implicit:
+            vr = ("OW" if _number(ds, "BitsAllocated", 16) > 8 else "OB") if tag == _PIXEL_DATA else "OF"
+            (length,) = struct.unpack("<I" if little else ">I", header[4:8])
+            value_offset = position + 8
+        else:
+            vr = header[4:6].decode("ascii", "replace")
+            if header[4:6] in _LONG_VRS:
+                if len(header) < 12:
+                    return pixel, None
+                (length,) = struct.unpack("<I" if little else ">I", header[8:12])
+                value_offset = position + 12
+            else:  # a VR with a 2-byte length: pydicom reads it so, and so must we to follow it
+                (length,) = struct.unpack("<H" if little else ">H", header[6:8])
+                value_offset = position + 8
+        items: framemap.Items | None = None
+        items_error: str | None = None
+        if length == _UNDEFINED:
+            try:
+                items = framemap.read_items(_reader(fp), value_offset, size)
+            except DicomFileError as exc:
+                items_error = exc.message
+        if tag == _PIXEL_DATA and first:
+            pixel = _pixel_info(fp, ds, size, vr, value_offset, length, little, items, items_error)
+            first = False
+        if items is not None:
+            position = items.end
+        elif length == _UNDEFINED or value_offset + length > size:
+            return pixel, None
+        else:
+            position = value_offset + length
+    return pixel, None
+
+
+def _reader(fp: BinaryIO) -> framemap.ReadAt:
     def read_at(offset: int, n: int) -> bytes:
         fp.seek(offset)
         return fp.read(n)
 
+    return read_at
+
+
+def _pixel_info(
+    fp: BinaryIO,
+    ds: Dataset,
+    size: int,
+    vr: str,
+    value_offset: int,
+    length: int,
+    little: bool,
+    items: framemap.Items | None,
+    items_error: str | None,
+) -> PixelInfo | None:
+    if "Rows" not in ds or "Columns" not in ds:
+        return None
+    ts = _syntax(ds)
+    count = _number(ds, "NumberOfFrames", 1) or 1
+    encapsulated = length == _UNDEFINED
+    frames: framemap.Packed | None = None
+    error: str | None = items_error
     try:
+        if ts.is_transfer_syntax and ts.is_encapsulated != encapsulated:
+            # A file whose meta lies about its encoding (PS3.5 A.4: encapsulated pixel data goes
+            # with a compressed syntax, and only with one): its frames would be sent under a
+            # media type they are not in.
+            raise DicomFileError(
+                f"pixel data is {'' if encapsulated else 'not '}encapsulated, but the transfer syntax "
+                f"{ts} says otherwise"
+            )
         if encapsulated:
-            extended = _extended_offsets(ds)
-            frames = framemap.pack(framemap.encapsulated_map(read_at, value_offset, size, count, extended))
+            if items is not None:
+                extended = _extended_offsets(ds)
+                frames = framemap.pack(
+                    framemap.encapsulated_map(_reader(fp), value_offset, size, count, extended, items)
+                )
         else:
             if value_offset + length > size:
                 raise DicomFileError(
@@ -154,6 +311,91 @@ def _pixel_info(fp: BinaryIO, ds: Dataset, size: int) -> PixelInfo | None:
     return PixelInfo(
         str(ts), mode, encapsulated, vr, value_offset, -1 if encapsulated else length, frames, error, swap
     )
+
+
+def _deflated(fp: BinaryIO) -> bool:
+    """Whether the dataset is deflated; if so, checked to inflate to at most MAX_INFLATED_BYTES
+    before pydicom inflates it whole. The file meta is peeked at by hand (pydicom's own reader
+    costs a fifth of a header read); only files that name the deflated syntax, or whose meta the
+    peek cannot follow, are read exactly as pydicom will."""
+    fp.seek(0)
+    head = fp.read(_PEEK)
+    syntax = _peek_syntax(head)
+    if syntax is not None and syntax != _DEFLATED:
+        return False
+    from pydicom.filereader import _read_command_set_elements, _read_file_meta_info
+
+    fp.seek(0)
+    read_preamble(fp, False)  # InvalidDicomError without the DICM prefix, as dcmread would
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return False
+    _read_command_set_elements(fp)  # pydicom reads these before it inflates: start where it will
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    try:
+        while chunk := fp.read(1024 * 1024):
+            while chunk:
+                inflated += len(inflater.decompress(chunk, 1024 * 1024))
+                if inflated > MAX_INFLATED_BYTES:
+                    raise DicomFileError(f"deflated dataset inflates past {MAX_INFLATED_BYTES} bytes")
+                chunk = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise DicomFileError(f"deflated dataset cannot be inflated ({exc})") from exc
+    return True
+
+
+def _peek_syntax(head: bytes) -> bytes | None:
+    """The Transfer Syntax UID in the file meta at the start of ``head`` (b"" when the meta has
+    none), or None when ``head`` alone cannot tell: no DICM prefix, a meta group that does not end
+    within it, an element pydicom might read otherwise (a VR it does not know makes it read the
+    whole meta again as implicit VR)."""
+    if head[128:132] != b"DICM":
+        return None
+    position, syntax = 132, b""
+    while position + 8 <= len(head):
+        group, element, vr = struct.unpack_from("<HH2s", head, position)
+        if group != 2:
+            return syntax
+        if vr not in _KNOWN_VRS:
+            return None
+        if vr in _LONG_VRS:
+            if position + 12 > len(head):
+                return None
+            (length,) = struct.unpack_from("<I", head, position + 8)
+            start = position + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, position + 6)
+            start = position + 8
+        if length == _UNDEFINED or start + length > len(head):
+            return None
+        if element == 0x0010:
+            syntax = head[start : start + length].rstrip(b"\x00 ")
+        position = start + length
+    return None
+
+
+def _read_deflated(fp: BinaryIO) -> tuple[Dataset, PixelInfo | None]:
+    """A deflated file, whole: the file position is inside pydicom's inflated copy, so elements
+    after the pixel data can only be had by reading through it (bounded by ``_deflated``). Frames
+    are decoded on request."""
+    fp.seek(0)
+    ds = pydicom.dcmread(fp)
+    pixels = ds.get_item(_PIXEL_DATA) if _PIXEL_DATA in ds else None
+    for tag in _PIXEL_TAGS:
+        if tag in ds:
+            del ds[tag]
+    for tag in [tag for tag in ds.keys() if tag == _TRAILING_PADDING]:
+        del ds[tag]
+    if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
+        raise DicomFileError("missing SOPInstanceUID, StudyInstanceUID or SeriesInstanceUID")
+    if pixels is None or "Rows" not in ds or "Columns" not in ds:
+        return ds, None
+    frame_len = _frame_length(ds)
+    count = _number(ds, "NumberOfFrames", 1) or 1
+    vr = pixels.VR or ("OW" if _number(ds, "BitsAllocated", 16) > 8 else "OB")
+    frames = {"decode": [frame_len, count]}
+    return ds, PixelInfo(str(DeflatedExplicitVRLittleEndian), "decode", False, vr, -1, -1, frames)
 
 
 _NUMBER_TAGS = {
@@ -225,17 +467,12 @@ def frame_of(data: bytes, index: int) -> bytes:
     return to_little_endian(frame, pixel.swap_width) if pixel.swap_width else frame
 
 
-def bulk_value(source: Path | bytes, tag_path: str, uid: str) -> bytes:
-    """The value of the binary element at ``tag_path`` ('TAG' or 'SEQ/index/TAG...') in a file or
-    in a whole instance held in memory. NotFound if there is none; DicomFileError if unreadable."""
-    try:
-        node: Any = pydicom.dcmread(
-            io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True
-        )
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # pydicom's many error types on a changed or broken file
-        raise DicomFileError(f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+def bulk_value(source: Path | bytes | BinaryIO, tag_path: str, uid: str) -> bytes:
+    """The value of the binary element at ``tag_path`` ('TAG' or 'SEQ/index/TAG...') in a file (a
+    path or an open file) or in a whole instance held in memory, elements after the pixel data
+    included. NotFound if there is none; DicomFileError if unreadable."""
+    node: Any
+    node, _ = read_header(io.BytesIO(source) if isinstance(source, bytes) else source)
     missing = NotFound(f"instance {uid} has no bulk data at {tag_path}")
     try:
         for position, part in enumerate(tag_path.split("/")):

@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import DicomFileError
 
 __all__ = [
     "FrameMap",
+    "Items",
     "native_map",
+    "read_items",
     "encapsulated_map",
     "pack",
     "frame_length",
     "frame_count",
     "frame_fragments",
     "frame_size",
+    "within",
 ]
 
 Fragment = tuple[int, int]
@@ -38,6 +42,9 @@ Packed = dict[str, Any]  # the registry's JSON form, see the module docstring
 _ITEM = 0xE000FFFE  # (FFFE,E000) as read from little endian "FE FF 00 E0"
 _SEQ_DELIMITER = 0xE0DDFFFE
 _MAX_FRAGMENTS = 1_000_000  # a hostile file cannot make us walk forever
+# A Basic Offset Table holds 4 bytes a frame: 16 MiB is 4 million frames. A hostile length up to the
+# file size (gigabytes) would otherwise be read into memory whole.
+_MAX_TABLE = 16 * 1024 * 1024
 
 # First bytes of a codestream, used to find frame starts when the Basic Offset Table is empty
 # and frames span several fragments (PS3.5 A.4: the table "may" be empty).
@@ -66,44 +73,30 @@ def native_map(value_offset: int, value_length: int, frame_len: int, count: int)
     return tuple(((value_offset + i * frame_len, frame_len),) for i in range(count))
 
 
-def encapsulated_map(
-    read_at: ReadAt,
-    first_item: int,
-    end: int,
-    count: int,
-    extended: tuple[Sequence[int], Sequence[int]] | None = None,
-) -> FrameMap:
-    """Map the frames of encapsulated Pixel Data whose first item (the Basic Offset Table) is at
-    ``first_item``; ``end`` bounds the walk (file size). ``extended`` is the Extended Offset Table
-    (offsets, lengths), which wins when present (PS3.5 A.4, Table A.4-1 note)."""
-    bot, fragments = _walk_items(read_at, first_item, end)
-    if not fragments:
-        raise DicomFileError("encapsulated pixel data has no fragments")
-    first_fragment = fragments[0][0] - 8  # offsets in the tables count from the item tag
-    if extended is not None:
-        offsets, lengths = extended
-        if len(offsets) != count or len(lengths) != count:
-            raise DicomFileError("Extended Offset Table does not have one entry per frame")
-        return tuple(((first_fragment + off + 8, length),) for off, length in zip(offsets, lengths))
-    if bot:
-        return _group_by_offsets(fragments, first_fragment, bot, count)
-    if count == 1:
-        return (tuple(fragments),)
-    if len(fragments) == count:
-        return tuple((fragment,) for fragment in fragments)
-    return _group_by_markers(read_at, fragments, count)
+@dataclass(frozen=True)
+class Items:
+    """The items of encapsulated Pixel Data (PS3.5 A.4) as laid out in the file."""
+
+    offset_table: list[int]  # the Basic Offset Table's entries (empty when the table is)
+    fragments: list[Fragment]  # (offset, length) of each fragment's bytes, in file order
+    end: int  # the first byte after the Sequence Delimitation Item: where the next element starts
 
 
-def _walk_items(read_at: ReadAt, position: int, end: int) -> tuple[list[int], list[Fragment]]:
+def read_items(read_at: ReadAt, first_item: int, end: int) -> Items:
+    """Walk the items of encapsulated Pixel Data whose first item (the Basic Offset Table) is at
+    ``first_item``, to its Sequence Delimitation Item; ``end`` bounds the walk (file size)."""
+    position = first_item
     header = read_at(position, 8)
     if len(header) < 8:
         raise DicomFileError("encapsulated pixel data is truncated before its offset table")
     tag, length = struct.unpack("<II", header)
     if tag != _ITEM:
         raise DicomFileError("encapsulated pixel data does not start with an offset table item")
-    if length % 4 or position + 8 + length > end:
+    if length % 4 or position + 8 + length > end or length > _MAX_TABLE:
         raise DicomFileError("Basic Offset Table has an invalid length")
     table = read_at(position + 8, length)
+    if len(table) < length:
+        raise DicomFileError("encapsulated pixel data is truncated in its offset table")
     bot = list(struct.unpack(f"<{length // 4}I", table))
     position += 8 + length
     fragments: list[Fragment] = []
@@ -113,7 +106,7 @@ def _walk_items(read_at: ReadAt, position: int, end: int) -> tuple[list[int], li
             raise DicomFileError("encapsulated pixel data is truncated (no sequence delimiter)")
         tag, length = struct.unpack("<II", header)
         if tag == _SEQ_DELIMITER:
-            return bot, fragments
+            return Items(bot, fragments, position + 8)
         if tag != _ITEM:
             raise DicomFileError(f"unexpected tag {tag:08X} among pixel data fragments")
         if position + 8 + length > end:
@@ -122,6 +115,43 @@ def _walk_items(read_at: ReadAt, position: int, end: int) -> tuple[list[int], li
         if len(fragments) > _MAX_FRAGMENTS:
             raise DicomFileError("too many pixel data fragments")
         position += 8 + length
+
+
+def encapsulated_map(
+    read_at: ReadAt,
+    first_item: int,
+    end: int,
+    count: int,
+    extended: tuple[Sequence[int], Sequence[int]] | None = None,
+    items: Items | None = None,
+) -> FrameMap:
+    """Map the frames of encapsulated Pixel Data whose first item (the Basic Offset Table) is at
+    ``first_item``; ``end`` bounds the walk (file size). ``extended`` is the Extended Offset Table
+    (offsets, lengths), which wins when present (PS3.5 A.4, Table A.4-1 note). ``items``: the
+    walk of ``read_items``, when the caller has it already (a header read needs its end)."""
+    if items is None:
+        items = read_items(read_at, first_item, end)
+    bot, fragments = items.offset_table, items.fragments
+    if not fragments:
+        raise DicomFileError("encapsulated pixel data has no fragments")
+    first_fragment = fragments[0][0] - 8  # offsets in the tables count from the item tag
+    if extended is not None:
+        offsets, lengths = extended
+        if len(offsets) != count or len(lengths) != count:
+            raise DicomFileError("Extended Offset Table does not have one entry per frame")
+        frames = tuple(((first_fragment + off + 8, length),) for off, length in zip(offsets, lengths))
+        # The table is the file's word, not checked against the items: a hostile one may point
+        # anywhere, so its frames must at least end before the sequence delimiter.
+        if not all(within(frame, items.end - 8) for frame in frames):
+            raise DicomFileError("Extended Offset Table points outside the pixel data")
+        return frames
+    if bot:
+        return _group_by_offsets(fragments, first_fragment, bot, count)
+    if count == 1:
+        return (tuple(fragments),)
+    if len(fragments) == count:
+        return tuple((fragment,) for fragment in fragments)
+    return _group_by_markers(read_at, fragments, count)
 
 
 def _group_by_offsets(fragments: list[Fragment], first_fragment: int, bot: list[int], count: int) -> FrameMap:
@@ -193,3 +223,9 @@ def frame_fragments(packed: Packed, index: int) -> tuple[Fragment, ...]:
         first, length, _ = packed["native"]
         return ((first + index * length, length),)
     return tuple((off, length) for off, length in packed["fragments"][index])
+
+
+def within(fragments: Sequence[Fragment], size: int) -> bool:
+    """Whether every fragment lies inside the first ``size`` bytes of a file: checked before a
+    read, so a map that disagrees with its file reads nothing it should not."""
+    return all(offset >= 0 and length >= 0 and offset + length <= size for offset, length in fragments)

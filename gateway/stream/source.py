@@ -32,6 +32,10 @@ class Entry:
     # Remote sources list instances with their DICOM JSON already in hand (a series' /metadata):
     # (body, pixel info), so harvest builds the record without reading anything else.
     prepared: tuple[dict[str, Any], PixelInfo | None] | None = field(default=None, compare=False)
+    # Why the source will not read this entry (a folder's FIFO, a link out of the folder, a directory
+    # too deep to walk): ``read_header`` refuses it with this reason, so harvest counts, logs and
+    # remembers it like any unreadable file, until its size or time changes.
+    refused: str | None = field(default=None, compare=False)
 
 
 class Source(Protocol):

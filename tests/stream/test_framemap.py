@@ -101,3 +101,64 @@ def test_pack_round_trips_and_answers_per_frame(fmap):
 
 def test_native_maps_pack_to_three_numbers_whatever_the_frame_count():
     assert framemap.pack(framemap.native_map(0, 10_000 * 8, 8, 10_000)) == {"native": [0, 8, 10_000]}
+
+
+DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def test_read_items_ends_after_the_sequence_delimiter():
+    pixel = encapsulate(FRAMES, has_bot=True)
+    data = b"PAD!" + pixel + DELIMITER + b"after"
+    items = framemap.read_items(_reader(data), 4, len(data))
+    assert items.end == 4 + len(pixel) + len(DELIMITER)
+    assert data[items.end :] == b"after"
+    assert len(items.offset_table) == len(FRAMES) and len(items.fragments) == len(FRAMES)
+
+
+def test_a_walk_already_done_is_not_repeated():
+    data = encapsulate(FRAMES, has_bot=True) + DELIMITER
+    items = framemap.read_items(_reader(data), 0, len(data))
+
+    def no_reads(offset: int, n: int) -> bytes:
+        raise AssertionError("read again")
+
+    fmap = framemap.encapsulated_map(no_reads, 0, len(data), len(FRAMES), items=items)
+    assert _frames_of(data, fmap) == [f + b"\x00" * (len(f) % 2) for f in FRAMES]
+
+
+def test_an_offset_table_longer_than_any_real_one_is_refused_unread():
+    header = struct.pack("<II", 0xE000FFFE, 64 * 1024 * 1024)
+    reads = []
+
+    def read_at(offset: int, n: int) -> bytes:
+        reads.append(n)
+        return header if offset == 0 else b"\x00" * n
+
+    with pytest.raises(DicomFileError, match="Basic Offset Table"):
+        framemap.read_items(read_at, 0, 1 << 40)
+    assert reads == [8]
+
+
+def test_an_extended_offset_table_pointing_past_the_pixel_data_is_refused():
+    pixel, offsets, lengths = encapsulate_extended(FRAMES)
+    data = pixel + DELIMITER + b"\x00" * 4096  # bytes after the pixel data: not a frame's
+    n = len(FRAMES)
+    table = (list(struct.unpack(f"<{n}Q", offsets)), list(struct.unpack(f"<{n}Q", lengths)))
+    table[1][-1] += 1000
+    with pytest.raises(DicomFileError, match="Extended Offset Table"):
+        framemap.encapsulated_map(_reader(data), 0, len(data), n, table)
+
+
+@pytest.mark.parametrize(
+    ("fragments", "size", "inside"),
+    [
+        (((0, 10),), 10, True),
+        (((0, 10), (20, 5)), 25, True),
+        (((0, 10), (20, 6)), 25, False),
+        (((-1, 4),), 25, False),
+        (((2**40, 1),), 25, False),
+    ],
+    ids=["exact", "two-fragments", "one-past-the-end", "negative", "far-out"],
+)
+def test_within_tells_fragments_inside_a_file_of_a_size(fragments, size, inside):
+    assert framemap.within(fragments, size) is inside
