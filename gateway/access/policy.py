@@ -135,11 +135,7 @@ class Policy:
             return refusal
         if patient is None:  # a professional: consent is given per INS, none can cover this study
             return refusal
-        if patient in self.store.granted_patients(principal.grantee_keys, now):
-            return StudyAccess(patient, False)
-        if patient in self.store.emergency_patients(principal.key, now):
-            return StudyAccess(patient, True)
-        return refusal
+        return self._consented(principal, patient, now) or refusal
 
     def check_patient(self, principal: Principal, patient: str) -> StudyAccess:
         """May ``principal`` see ``patient``'s studies (an INS)? The same refusals as a study's."""
@@ -159,13 +155,19 @@ class Policy:
         if principal.role == "patient":
             return StudyAccess(patient, False) if patient == principal.ins else _unseen(f"patient {patient}")
         if principal.role == "professional":
-            now = time.time()
-            if patient in self.store.granted_patients(principal.grantee_keys, now):
-                return StudyAccess(patient, False)
-            if patient in self.store.emergency_patients(principal.key, now):
-                return StudyAccess(patient, True)
-            return _no_access(principal, f"patient {patient}")
+            return self._consented(principal, patient, time.time()) or _no_access(
+                principal, f"patient {patient}"
+            )
         return _unseen(f"patient {patient}")  # a link sees one study, not a patient
+
+    def _consented(self, principal: Principal, patient: str, now: float) -> StudyAccess | None:
+        """A professional's access to ``patient``: by the patient's grant, else by an emergency
+        access they opened; None without either."""
+        if patient in self.store.granted_patients(principal.grantee_keys, now):
+            return StudyAccess(patient, False)
+        if patient in self.store.emergency_patients(principal.key, now):
+            return StudyAccess(patient, True)
+        return None
 
     def emergency_among(self, principal: Principal, patients: set[str]) -> bool:
         """Did ``principal`` see any of ``patients`` by emergency rules only (for the audit)?"""
