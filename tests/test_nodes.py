@@ -4,28 +4,21 @@ harvested by one node at a time. Two real ``gateway serve`` processes, real Post
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
-import pydicom
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
-from fixtures.generate import make_ct_study
 from gateway.registry.database import PostgresDatabase, SQLiteDatabase
 from peers.gateway import folder_source, running_gateway
 from tests.backends import Databases, databases, postgres_problem, postgres_required
+from tests.issuers import PORTAL, PSC, issuers, study_with_ins
 
 pytestmark = pytest.mark.network
 INS = "1800175123456"
-PORTAL, PSC = "https://portal.test", "https://psc.test"
 FRESH = 1.5  # seconds: decisions may be reused for 1 s on a node; allow for the request itself
 
 
@@ -42,26 +35,10 @@ def postgres() -> Iterator[Databases]:
 @pytest.fixture(scope="module")
 def nodes(postgres: Databases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("nodes")
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    (work / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k", "alg": "RS256"}]}))
     folder = work / "archive"
-    for path in make_ct_study(folder, n_instances=2, rows=16, cols=16, seed=3):
-        ds = pydicom.dcmread(path)
-        item = Dataset()
-        item.PatientID, item.IssuerOfPatientID = INS, "1.2.250.1.213.1.4.8"
-        ds.OtherPatientIDsSequence = Sequence([item])
-        ds.save_as(path)
-    study = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-    auth = "[auth]\n" + "".join(
-        f'[[auth.issuers]]\nissuer = "{issuer}"\naudience = "gateway"\n'
-        f'jwks_file = "{work / "jwks.json"}"\nrole = "{role}"\n'
-        for issuer, role in ((PORTAL, "patient"), (PSC, "professional"))
-    )
-
-    def token(issuer: str, **claims: Any) -> str:
-        payload = {"iss": issuer, "aud": "gateway", "exp": time.time() + 600, **claims}
-        return jwt.encode(payload, key, algorithm="RS256", headers={"kid": "k"})
+    study = study_with_ins(folder, INS, seed=3)
+    found = issuers(work)
+    auth, token = found.auth, found.token
 
     patient = {"Authorization": f"Bearer {token(PORTAL, sub='p', ins=INS)}"}
     doctor = {"Authorization": f"Bearer {token(PSC, sub='10001')}"}

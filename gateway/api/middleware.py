@@ -171,14 +171,14 @@ class AccessMiddleware:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
             log.info("%s %s -> %d: %s", scope["method"], logged_path(path), exc.status, exc.message)
             await response(scope, receive, send_with_headers)
-            self._record(scope, principal, request_id, started, sent, headers, exc.message)
+            self._record(scope, principal, request_id, started, sent, exc.message)
             return
         state["principal"] = principal
         state["request_id"] = request_id
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            self._record(scope, principal, request_id, started, sent, headers, None)
+            self._record(scope, principal, request_id, started, sent, None)
 
     def _record(
         self,
@@ -187,7 +187,6 @@ class AccessMiddleware:
         request_id: str,
         started: float,
         sent: dict[str, Any],
-        headers: dict[str, str],
         refusal: str | None,
     ) -> None:
         path: str = scope["path"]

@@ -3,7 +3,6 @@ loopback, and behind a TLS proxy the right client address, scheme, cookie and he
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -15,46 +14,24 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import jwt
-import pydicom
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
-from fixtures.generate import make_ct_study
 from peers.gateway import ROOT, folder_source, running_gateway
+from tests.issuers import PORTAL, PSC, issuers, study_with_ins
 
 pytestmark = pytest.mark.network
 INS = "1800175123456"
-PORTAL, PSC = "https://portal.test", "https://psc.test"
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Keys, an archive (with a file whose name carries a newline) and the [auth] section."""
     work = tmp_path_factory.mktemp("deployment")
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    (work / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k", "alg": "RS256"}]}))
     folder = work / "archive"
-    for path in make_ct_study(folder, n_instances=2, rows=16, cols=16, seed=5):
-        ds = pydicom.dcmread(path)
-        item = Dataset()
-        item.PatientID, item.IssuerOfPatientID = INS, "1.2.250.1.213.1.4.8"
-        ds.OtherPatientIDsSequence = Sequence([item])
-        ds.save_as(path)
+    study = study_with_ins(folder, INS, seed=5)
     (folder / "junk\n2026-01-01 00:00:00 ERROR gateway: FORGED LINE.dcm").write_bytes(b"not DICOM" * 20)
-    study = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-    auth = "[auth]\n" + "".join(
-        f'[[auth.issuers]]\nissuer = "{issuer}"\naudience = "gateway"\n'
-        f'jwks_file = "{work / "jwks.json"}"\nrole = "{role}"\n'
-        for issuer, role in ((PORTAL, "patient"), (PSC, "professional"))
-    )
-
-    def token(issuer: str, lifetime: float = 600, **claims: Any) -> str:
-        payload = {"iss": issuer, "aud": "gateway", "exp": time.time() + lifetime, **claims}
-        return jwt.encode(payload, key, algorithm="RS256", headers={"kid": "k"})
+    found = issuers(work)
+    auth, token = found.auth, found.token
 
     return {"work": work, "folder": folder, "study": study, "auth": auth, "token": token}
 
