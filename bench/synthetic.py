@@ -33,7 +33,7 @@ from bench.common import log
 from bench.servers import fresh_registry
 from gateway.registry.record import InstanceRecord, fold_text, record_from_json
 from gateway.registry.store import Harvested, Registry
-from gateway.stream.dicomfile import PixelInfo
+from gateway.types import PixelInfo
 
 GENERATOR_VERSION = 1  # bump when the generated shape changes: cached registries are then rebuilt
 INSTANCES_PER_PATIENT = 50

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gateway import dburl
 from gateway.config import Config
 from gateway.errors import GatewayError
 
@@ -32,8 +33,8 @@ def backup(config: Config, target: Path) -> list[Path]:
     made: list[Path] = []
     dumped: set[str] = set()  # the registry's PostgreSQL database holds the access tables by default
     for name, url in (("access", config.access_database), ("registry", config.registry_url)):
-        if url.startswith("sqlite:///"):
-            made.append(_sqlite(Path(url.removeprefix("sqlite:///")), target / f"{name}.db"))
+        if (path := dburl.sqlite_path(url)) is not None:
+            made.append(_sqlite(path, target / f"{name}.db"))
         elif url not in dumped:
             dumped.add(url)
             made.append(_postgresql(url, target / f"{name}.dump"))

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway import dburl
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -167,9 +167,7 @@ class Config:
     @property
     def registry_path(self) -> Path | str:
         """The SQLite file, or the PostgreSQL URL without its password (for messages)."""
-        if self.registry_url.startswith("sqlite:///"):
-            return Path(self.registry_url.removeprefix("sqlite:///"))
-        return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.registry_url)
+        return dburl.sqlite_path(self.registry_url) or dburl.without_password(self.registry_url)
 
     @property
     def data_dir(self) -> Path:
@@ -187,9 +185,9 @@ class Config:
         SQLite registry."""
         if self.access_url:
             return self.access_url
-        if not self.registry_url.startswith("sqlite:///"):
+        if dburl.sqlite_path(self.registry_url) is None:
             return self.registry_url
-        return f"sqlite:///{self.data_dir / 'access.db'}"
+        return f"{dburl.SQLITE}{self.data_dir / 'access.db'}"
 
 
 def _fixtures_dir() -> Path:
@@ -203,7 +201,7 @@ def default_config(env: dict[str, str] | None = None) -> Config:
     env = dict(os.environ if env is None else env)
     data_dir = Path(env.get("GATEWAY_DATA_DIR", "data")).resolve()
     raw: dict[str, Any] = {
-        "registry": {"url": f"sqlite:///{data_dir / 'registry.db'}"},
+        "registry": {"url": f"{dburl.SQLITE}{data_dir / 'registry.db'}"},
         "sources": [{"name": "fixtures", "kind": "filesystem", "path": str(_fixtures_dir())}],
     }
     # The demo is open (said loudly at start, and noted when not on loopback).
@@ -267,18 +265,14 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
     url = env.get("GATEWAY_REGISTRY_URL") or _typed(registry_raw, "registry.url", str, None)
     if url is None:
         raise ConfigError("registry.url: missing (for example sqlite:///data/registry.db)")
-    if url.startswith("sqlite:///"):
-        db_path = Path(url.removeprefix("sqlite:///"))
-        if not db_path.is_absolute():
-            db_path = base / db_path
-        url = f"sqlite:///{db_path}"
-    elif not url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"registry.url: {url!r} is not sqlite:///PATH or postgresql://HOST/DATABASE")
+    if problem := dburl.check(url):
+        raise ConfigError(f"registry.url: {problem}")
+    url = dburl.anchored(url, base)
     data_dir_value = _typed(registry_raw, "registry.data_dir", str, None)
     data_dir = None
     if data_dir_value:
         data_dir = Path(data_dir_value) if Path(data_dir_value).is_absolute() else base / data_dir_value
-    elif not url.startswith("sqlite:///"):
+    elif dburl.sqlite_path(url) is None:
         data_dir = base / "data"
 
     sources_raw = raw.get("sources", [])
@@ -294,11 +288,9 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
     access_raw = _table(raw, "access")
     _only(access_raw, "access", {"url"})
     access_url = _typed(access_raw, "access.url", str, "")
-    if access_url.startswith("sqlite:///"):
-        access_path = Path(access_url.removeprefix("sqlite:///"))
-        access_url = f"sqlite:///{access_path if access_path.is_absolute() else base / access_path}"
-    elif access_url and not access_url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"access.url: {access_url!r} is not sqlite:///PATH or postgresql://HOST/DATABASE")
+    if access_url and (problem := dburl.check(access_url)):
+        raise ConfigError(f"access.url: {problem}")
+    access_url = dburl.anchored(access_url, base)
     auth = _auth(_table(raw, "auth"), base)
     notes: tuple[str, ...] = ()
     if auth.open and not is_loopback(host):

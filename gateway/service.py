@@ -10,17 +10,17 @@ from concurrent.futures import Executor
 import anyio
 import anyio.to_thread
 
+from gateway.codec import framemap
+from gateway.codec.dicomfile import read_header
 from gateway.config import Config, SourceConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.registry.harvest import harvest
 from gateway.registry.record import build_record
 from gateway.registry.store import Registry, SourceStats
-from gateway.stream import framemap
-from gateway.stream.dicomfile import read_header
-from gateway.stream.dicomweb import DicomwebSource
+from gateway.stream.dicomweb_pacs import DicomwebSource
 from gateway.stream.dimse import DimseSource
 from gateway.stream.federation import Federation
-from gateway.stream.filesystem import FolderSource
+from gateway.stream.folder import FolderSource
 from gateway.stream.source import Source
 
 __all__ = ["Gateway", "make_source"]

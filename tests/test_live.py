@@ -12,8 +12,8 @@ from dicomweb_client.api import DICOMwebClient
 
 from fixtures.generate import make_ct_study
 from peers.gateway import folder_source, running_gateway
-from tests.checks import assert_frames_and_instance
 from tests.conftest import FIXTURES
+from tests.helpers import assert_frames_and_instance
 
 pytestmark = pytest.mark.network
 

@@ -15,7 +15,7 @@ import pytest
 from gateway.registry.database import PostgresDatabase, SQLiteDatabase
 from peers.gateway import folder_source, running_gateway
 from tests.backends import Databases, databases, postgres_problem, postgres_required
-from tests.issuers import PORTAL, PSC, issuers, study_with_ins
+from tests.helpers import PORTAL, PSC, issuers, study_with_ins
 
 pytestmark = pytest.mark.network
 INS = "1800175123456"

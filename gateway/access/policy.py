@@ -37,8 +37,8 @@ from gateway.access.identity import Principal
 from gateway.access.store import AccessStore
 from gateway.errors import Forbidden, NotFound, Unauthenticated
 from gateway.redact import escape
-from gateway.registry.qido import Restriction
 from gateway.registry.store import Registry
+from gateway.types import Restriction
 
 __all__ = ["Policy", "StudyAccess"]
 

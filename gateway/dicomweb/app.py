@@ -87,19 +87,27 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
 
     async def instances(request: Request) -> Response:
         allow(request, request.path_params["study"])
-        return await retrieve_instances(request, gateway, scope_of(request), base_url(request))
+        return await retrieve_instances(
+            request, gateway.registry, gateway.federation, scope_of(request), base_url(request)
+        )
 
     async def metadata(request: Request) -> Response:
         allow(request, request.path_params["study"])
-        return await retrieve_metadata(request, gateway, scope_of(request), base_url(request))
+        return await retrieve_metadata(
+            request, gateway.registry, gateway.federation, scope_of(request), base_url(request)
+        )
 
     async def frames(request: Request) -> Response | SizedStream:
         allow(request, request.path_params["study"])
-        return await retrieve_frames(request, gateway, scope_of(request), request.path_params["frames"])
+        return await retrieve_frames(
+            request, gateway.registry, gateway.federation, scope_of(request), request.path_params["frames"]
+        )
 
     async def bulk(request: Request) -> Response | SizedStream:
         allow(request, request.path_params["study"])
-        return await retrieve_bulk(request, gateway, scope_of(request), request.path_params["tag_path"])
+        return await retrieve_bulk(
+            request, gateway.registry, gateway.federation, scope_of(request), request.path_params["tag_path"]
+        )
 
     async def health(request: Request) -> Response:
         return PlainTextResponse(f"ok {__version__}\n")
@@ -185,7 +193,7 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
         uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
         try:
             allow(request, study)
-            response = await retrieve_frames(request, gateway, uids, frame_list)
+            response = await retrieve_frames(request, gateway.registry, gateway.federation, uids, frame_list)
         except Exception as exc:
             response = await (gateway_error if isinstance(exc, GatewayError) else unexpected)(request, exc)
         await response(scope, receive, send)

@@ -17,9 +17,10 @@ from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.scope import not_found, where
 from gateway.errors import GatewayError, NotAcceptable
 from gateway.registry.record import BULK_KEY
-from gateway.registry.store import InstanceFile
-from gateway.service import Gateway
+from gateway.registry.store import Registry
 from gateway.stream.dimse import DimseSource
+from gateway.stream.federation import Federation
+from gateway.types import InstanceFile
 
 __all__ = ["retrieve_metadata"]
 
@@ -28,12 +29,12 @@ log = logging.getLogger("gateway.wado")
 
 
 async def retrieve_metadata(
-    request: Request, gateway: Gateway, scope: dict[str, str], base_url: str
+    request: Request, registry: Registry, federation: Federation, scope: dict[str, str], base_url: str
 ) -> Response:
     _require_json(request)
     condition, params = where(scope)
-    await _complete_from_dimse(gateway, condition, params)
-    fragments = await anyio.to_thread.run_sync(gateway.registry.metadata, condition, params)
+    await _complete_from_dimse(registry, federation, condition, params)
+    fragments = await anyio.to_thread.run_sync(registry.metadata, condition, params)
     if not fragments:
         raise not_found(scope)
     prefix = BULK_KEY + base_url.encode()
@@ -55,19 +56,21 @@ async def retrieve_metadata(
     return StreamingResponse(body(), media_type="application/dicom+json")
 
 
-async def _complete_from_dimse(gateway: Gateway, condition: str, params: tuple[str, ...]) -> None:
+async def _complete_from_dimse(
+    registry: Registry, federation: Federation, condition: str, params: tuple[str, ...]
+) -> None:
     """A DIMSE PACS's search answers hold a few attributes; the full header of an instance is
     learnt when it is first retrieved. Metadata asked for before that: retrieve those instances
     now (one C-GET per series, pixels dropped once the header is indexed), then answer."""
-    instances = await anyio.to_thread.run_sync(gateway.registry.instance_files, condition, params)
+    instances = await anyio.to_thread.run_sync(registry.instance_files, condition, params)
     runs: dict[tuple[str, str], list[InstanceFile]] = {}
     for alternatives in instances:
         if all(a.remote and a.TransferSyntaxUID is None for a in alternatives):
             first = alternatives[0]
-            if isinstance(gateway.federation.sources.get(first.source), DimseSource):
+            if isinstance(federation.sources.get(first.source), DimseSource):
                 runs.setdefault((first.source, first.path.split("/instances/")[0]), []).append(first)
     for (name, _), files in runs.items():
-        source = gateway.federation.sources[name]
+        source = federation.sources[name]
         assert isinstance(source, DimseSource)
         try:
             async for _ in source.aiter_instances(files):

@@ -21,6 +21,9 @@ import pydicom
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.codec import framemap
+from gateway.codec.multipart import MultipartWriter
+from gateway.codec.transcode import to_explicit_little_endian
 from gateway.dicomweb.accept import (
     BIG_ENDIAN,
     DEFLATED,
@@ -33,21 +36,19 @@ from gateway.dicomweb.accept import (
     negotiate,
     parse_accept,
 )
-from gateway.dicomweb.multipart import MultipartWriter
 from gateway.dicomweb.scope import not_found, where
 from gateway.dicomweb.streaming import SizedStream, sized_stream, stream
 from gateway.errors import NotAcceptable, NotFound, RequestError, SourceError
-from gateway.registry.store import InstanceFile, Location
-from gateway.service import Gateway
-from gateway.stream import framemap
-from gateway.stream.transcode import to_explicit_little_endian
+from gateway.registry.store import Registry
+from gateway.stream.federation import Federation
+from gateway.types import InstanceFile, Location
 
 __all__ = ["retrieve_instances", "retrieve_frames", "retrieve_bulk", "parse_frame_numbers"]
 
 _MAX_FRAMES_PER_REQUEST = 10_000  # when the instance's own count is unknown (a remote source)
 _MAX_FRAME_NUMBER = 2**31 - 1  # NumberOfFrames is an IS (PS3.5 6.2)
 _FRAME_NUMBER = re.compile(r"[0-9]{1,10}")
-# A BulkDataURI's path, as the index writes them (gateway.registry.dicomjson): a tag, or a sequence's
+# A BulkDataURI's path, as the index writes them (gateway.codec.dicomjson): a tag, or a sequence's
 # tag, an item index and a tag, and so on, at most as deep as the index reads sequences.
 _MAX_BULK_DEPTH = 32
 _BULK_PATH = re.compile(r"[0-9A-Fa-f]{8}(/[0-9]{1,9}/[0-9A-Fa-f]{8}){0," + str(_MAX_BULK_DEPTH) + "}")
@@ -65,9 +66,9 @@ def _note_source(request: Request, source: str) -> None:
         noted["source"] = f"{known},{source}"
 
 
-def _alternatives(gateway: Gateway, scope: dict[str, str]) -> list[Location]:
+def _alternatives(registry: Registry, scope: dict[str, str]) -> list[Location]:
     # The per-frame path: a cached lookup on the event loop, no thread hop.
-    found = gateway.registry.instance_location(
+    found = registry.instance_location(
         scope["StudyInstanceUID"], scope["SeriesInstanceUID"], scope["SOPInstanceUID"]
     )
     if not found:
@@ -111,10 +112,10 @@ def _instance_offers(location: InstanceFile) -> list[Offer]:
 
 
 async def retrieve_instances(
-    request: Request, gateway: Gateway, scope: dict[str, str], base_url: str
+    request: Request, registry: Registry, federation: Federation, scope: dict[str, str], base_url: str
 ) -> Response:
     condition, params = where(scope)
-    instances = await anyio.to_thread.run_sync(gateway.registry.instance_files, condition, params)
+    instances = await anyio.to_thread.run_sync(registry.instance_files, condition, params)
     if not instances:
         raise not_found(scope)
     ranges = parse_accept(request.headers.get("accept"))
@@ -132,7 +133,7 @@ async def retrieve_instances(
     async def body() -> AsyncIterator[bytes]:
         index = 0
         while index < len(plan):
-            batch = _batch(gateway, plan, index)
+            batch = _batch(federation, plan, index)
             if batch:  # a run of one series from a source that sends many instances at once
                 source, files, syntax = batch
                 _note_source(request, files[0].source)
@@ -150,7 +151,7 @@ async def retrieve_instances(
                 continue
             choices = plan[index]
             index += 1
-            located, first, rest = await gateway.federation.open(
+            located, first, rest = await federation.open(
                 [alternative for alternative, _ in choices], lambda source, a: source.aiter_instance(a)
             )
             _note_source(request, located.source)
@@ -176,16 +177,16 @@ async def retrieve_instances(
 _BATCH = 1000  # instances asked for in one request to a source that can send many
 
 
-def _batch(gateway: Gateway, plan: list[Any], start: int) -> tuple[Any, list[InstanceFile], str] | None:
+def _batch(federation: Federation, plan: list[Any], start: int) -> tuple[Any, list[InstanceFile], str] | None:
     """The run of instances from ``start`` that one remote source can send in one retrieval: the
     same preferred source, the same series, sent as stored (or, their syntax unknown, as Explicit
     VR Little Endian: ``_as_explicit_little_endian``); with the syntax of its parts. None when
     there is no such run."""
     first, offer = plan[start][0]
-    source = gateway.federation.sources.get(first.source)
+    source = federation.sources.get(first.source)
     if not first.remote or not hasattr(source, "aiter_instances") or not _in_batch(first, offer):
         return None
-    if gateway.federation.order([c[0] for c in plan[start]])[0] is not first:
+    if federation.order([c[0] for c in plan[start]])[0] is not first:
         return None  # the preferred source is down: per instance, with failover
     series = first.path.split("/instances/")[0]
     files = []
@@ -316,10 +317,14 @@ def _pixel_location(location: Location) -> dict[str, Any]:
 
 
 async def retrieve_frames(
-    request: Request, gateway: Gateway, scope: dict[str, str], frame_list: str | None
+    request: Request,
+    registry: Registry,
+    federation: Federation,
+    scope: dict[str, str],
+    frame_list: str | None,
 ) -> Response | SizedStream:
     """``frame_list``: the request's (None: every frame, for the pixel data's BulkDataURI)."""
-    alternatives = _alternatives(gateway, scope)
+    alternatives = _alternatives(registry, scope)
     _pixel_location(alternatives[0])  # 404 for an instance without pixels, before any Accept error
     ranges = parse_accept(request.headers.get("accept"))
     choices = _choices(ranges, alternatives, _frame_offers, "application/octet-stream")
@@ -335,13 +340,13 @@ async def retrieve_frames(
             "ask for them by number (/frames/1,2,...)"
         )
     meta: dict[str, int] = {}
-    located, first, rest = await gateway.federation.open(
+    located, first, rest = await federation.open(
         [location for location, _ in choices],
         lambda source, loc: source.aiter_frame(loc, numbers[0] - 1, meta),
     )
     _note_source(request, located.source)
     offer = _offer_of(choices, located)
-    source = gateway.federation.sources[located.source]
+    source = federation.sources[located.source]
     writer = MultipartWriter(offer.part_type)
     sizes = [framemap.frame_size(_pixel_location(located), n - 1) for n in numbers]
     if sizes == [None] and "length" in meta:
@@ -397,11 +402,11 @@ async def _frames_body(
 
 
 async def retrieve_bulk(
-    request: Request, gateway: Gateway, scope: dict[str, str], tag_path: str
+    request: Request, registry: Registry, federation: Federation, scope: dict[str, str], tag_path: str
 ) -> Response | SizedStream:
-    alternatives = _alternatives(gateway, scope)
+    alternatives = _alternatives(registry, scope)
     if tag_path.upper() == "7FE00010":
-        return await retrieve_frames(request, gateway, scope, None)
+        return await retrieve_frames(request, registry, federation, scope, None)
     if not _BULK_PATH.fullmatch(tag_path):
         raise RequestError(
             f"bulk data path {_shown(tag_path)} is malformed: expected TAG[/index/TAG]... (tags of "
@@ -412,7 +417,7 @@ async def retrieve_bulk(
         [Offer("application/octet-stream", EXPLICIT_LE)],
         "application/octet-stream",
     )
-    located, first, rest = await gateway.federation.open(
+    located, first, rest = await federation.open(
         alternatives, lambda source, location: source.aiter_bulk(location, tag_path)
     )
     _note_source(request, located.source)

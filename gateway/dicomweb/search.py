@@ -18,13 +18,12 @@ from pydicom.datadict import tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.codec.attributes import COMPUTED, LEVEL_COLUMNS, vr_of
 from gateway.dicomweb.scope import not_found
-from gateway.registry.attributes import COMPUTED, LEVEL_COLUMNS, vr_of
 from gateway.registry.database import Row
 from gateway.registry.qido import (
     MAX_RESULTS,
     Query,
-    Restriction,
     compile_query,
     count_named,
     name_match,
@@ -33,6 +32,7 @@ from gateway.registry.qido import (
 )
 from gateway.registry.record import person_name_json
 from gateway.registry.store import Registry
+from gateway.types import Restriction
 
 __all__ = ["search", "plan_query", "DICOM_JSON"]
 

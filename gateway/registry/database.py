@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway import dburl
 from gateway.errors import RegistryError
 
 __all__ = ["Database", "Row", "open_database", "SQLiteDatabase", "PostgresDatabase"]
@@ -61,11 +62,11 @@ def open_database(
     their own spelling (PostgreSQL lower-cases them); ``meta``: the table keeping the schema
     version on PostgreSQL, where the registry and the access tables may share one database (a
     SQLite file holds one of them and keeps its version in ``PRAGMA user_version``)."""
-    if url.startswith("sqlite:///"):
-        return SQLiteDatabase(Path(url.removeprefix("sqlite:///")))
-    if url.startswith(("postgresql://", "postgres://")):
+    if (path := dburl.sqlite_path(url)) is not None:
+        return SQLiteDatabase(path)
+    if dburl.is_postgresql(url):
         return PostgresDatabase(url, canonical, meta)
-    raise RegistryError(f"registry url {url!r}: expected sqlite:///PATH or postgresql://...")
+    raise RegistryError(f"registry url: {dburl.check(url)}")
 
 
 # -- SQLite ------------------------------------------------------------------------------------

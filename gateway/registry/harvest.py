@@ -17,8 +17,8 @@ from gateway.errors import DicomFileError, GatewayError
 from gateway.redact import escape
 from gateway.registry.record import InstanceRecord, build_record, record_from_json
 from gateway.registry.store import Harvested, Registry, SourceStats
-from gateway.stream.dicomfile import PixelInfo
-from gateway.stream.source import Entry, Source
+from gateway.stream.source import Source
+from gateway.types import Entry, PixelInfo
 
 __all__ = ["harvest", "parse_entry"]
 

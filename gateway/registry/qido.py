@@ -16,8 +16,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import QueryError
-from gateway.registry.attributes import (
+from gateway.codec.attributes import (
     DEFAULTS,
     INSTANCE,
     MATCHING,
@@ -27,11 +26,13 @@ from gateway.registry.attributes import (
     resolve_attribute,
     vr_of,
 )
+from gateway.errors import QueryError
 from gateway.registry.record import INS_ISSUERS, fold_text, normalize_time
 from gateway.registry.schema import SERIES_COLUMNS
+from gateway.types import Restriction
 
 __all__ = [
-    "Restriction", "Match", "Query", "parse_qido", "compile_query", "MAX_RESULTS",
+    "Match", "Query", "parse_qido", "compile_query", "MAX_RESULTS",
     "name_match", "count_named", "names_first_below",
 ]  # fmt: skip
 
@@ -73,16 +74,6 @@ class Match:
     keyword: str
     kind: str  # "single" | "wildcard" | "list" | "range" | "universal"
     values: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Restriction:
-    """Which studies a caller may see, decided by the access policy (``gateway.access.policy``);
-    the registry only applies it. ``None`` leaves that dimension open."""
-
-    patients: frozenset[str] | None = None  # INS of the patients whose studies are visible
-    studies: frozenset[str] | None = None  # the only visible studies (a study link)
-    hidden: frozenset[str] = frozenset()  # studies hidden by their patient
 
 
 @dataclass(frozen=True)

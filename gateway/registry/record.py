@@ -16,10 +16,10 @@ import orjson
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
+from gateway.codec.attributes import INSTANCE, PATIENT, SERIES, STUDY
+from gateway.codec.dicomjson import dataset_json
 from gateway.errors import DicomFileError
-from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
-from gateway.registry.dicomjson import dataset_json
-from gateway.stream.dicomfile import PixelInfo
+from gateway.types import PixelInfo
 
 __all__ = [
     "InstanceRecord",

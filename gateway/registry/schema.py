@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
+from gateway.codec.attributes import INSTANCE, PATIENT, SERIES, STUDY
 
 __all__ = [
     "SCHEMA_VERSION", "TABLES", "schema", "CANONICAL", "AGGREGATE",

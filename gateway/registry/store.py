@@ -14,11 +14,12 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 from pydicom.uid import UID
 
+from gateway import dburl
 from gateway.errors import RegistryError
 from gateway.registry import writes
 from gateway.registry.arbitration import arbitrate
@@ -26,53 +27,16 @@ from gateway.registry.database import Database, Row, open_database
 from gateway.registry.record import InstanceRecord
 from gateway.registry.schema import CANONICAL, SCHEMA_VERSION, TABLES, schema
 from gateway.registry.writes import Harvested
-from gateway.stream.dicomfile import PixelInfo
+from gateway.types import InstanceFile, Location, PixelInfo
 
 log = logging.getLogger("gateway.registry")
 
-__all__ = ["Registry", "Location", "InstanceFile", "FileState", "SourceStats", "Harvested"]
+__all__ = ["Registry", "FileState", "SourceStats", "Harvested"]
 
 _CACHE_CHECK = 0.5  # seconds a cached location may outlive a harvest that changed it
 _LOCATION_CACHE = 1024  # instances (~600 bytes each): memory must not grow with the archive
 _ESTIMATES_FOR = 60.0  # seconds the statistics' row figures are reused (``estimated_rows``)
 _REFRESH_FIRST = 5000  # instances written before the first refresh of the statistics (``wrote``)
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where one instance can be read, and how its frames are laid out."""
-
-    source: str
-    path: str
-    size: int
-    SOPInstanceUID: str
-    SeriesInstanceUID: str
-    StudyInstanceUID: str
-    TransferSyntaxUID: str | None
-    mode: str | None
-    encapsulated: bool
-    frames: dict[str, Any] | None
-    frame_error: str | None
-    swap: int
-    SOPClassUID: str | None = None
-    # When the indexed file was last modified (a folder's), with ``size`` what it must still be
-    # before a byte of it is served; None for remote sources.
-    mtime_ns: int | None = None
-
-
-class InstanceFile(NamedTuple):
-    source: str
-    path: str
-    size: int  # bytes of the stored file; for remote sources, a change token (see ``remote``)
-    TransferSyntaxUID: str | None
-    SOPInstanceUID: str
-    mode: str | None = None
-    SOPClassUID: str | None = None
-    mtime_ns: int | None = None  # as ``Location.mtime_ns``
-
-    @property
-    def remote(self) -> bool:
-        return self.mode == "remote"
 
 
 @dataclass(frozen=True)
@@ -102,8 +66,8 @@ class Registry:
     def __init__(self, url: Path | str) -> None:
         """``url``: ``sqlite:///PATH``, ``postgresql://...``, or a path (SQLite)."""
         text = str(url)
-        if not text.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            text = f"sqlite:///{text}"
+        if dburl.check(text) is not None:
+            text = f"{dburl.SQLITE}{text}"
         self.url = text
         self.db: Database = open_database(text, CANONICAL)
         self.dialect = self.db.dialect

@@ -15,7 +15,7 @@ import orjson
 from gateway.registry.arbitration import Verdict, arbitrate, fingerprint
 from gateway.registry.record import InstanceRecord
 from gateway.registry.schema import AGGREGATE, INSTANCE_COLUMNS, PATIENT_COLUMNS
-from gateway.stream.dicomfile import PixelInfo
+from gateway.types import PixelInfo
 
 __all__ = ["Harvested", "put_instances", "put_records", "put_reject", "remove_paths", "upsert"]
 

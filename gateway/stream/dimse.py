@@ -37,6 +37,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import _config
 from pynetdicom.association import Association
 
+from gateway.codec.attributes import INSTANCE, PATIENT, SERIES, STUDY
+from gateway.codec.dicomfile import bulk_value, frame_of
+from gateway.codec.dicomjson import dataset_json
 from gateway.config import SourceConfig
 from gateway.errors import (
     DicomFileError,
@@ -47,14 +50,11 @@ from gateway.errors import (
     SourceUnavailable,
 )
 from gateway.redact import escape
-from gateway.registry.attributes import INSTANCE, PATIENT, SERIES, STUDY
-from gateway.registry.dicomjson import dataset_json
-from gateway.registry.store import InstanceFile, Location
 from gateway.stream.associations import QUERIES, STUDY_FIND, STUDY_GET, STUDY_MOVE, AssociationPool, refusal
-from gateway.stream.dicomfile import PixelInfo, bulk_value, frame_of
 from gateway.stream.pduguard import peer_name
-from gateway.stream.source import CHUNK, Entry
+from gateway.stream.source import CHUNK
 from gateway.stream.storescp import MoveListener
+from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
 __all__ = ["DimseSource"]
 

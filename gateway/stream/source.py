@@ -9,33 +9,15 @@ Harvest asks a source what it holds (``scan``) and for each new or changed entry
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 
-from gateway.registry.store import InstanceFile, Location
-from gateway.stream.dicomfile import PixelInfo
+from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
-__all__ = ["Entry", "Source", "CHUNK"]
+__all__ = ["Source", "CHUNK"]
 
 CHUNK = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One object a source holds, with what tells whether it changed since the last harvest."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    # Remote sources list instances with their DICOM JSON already in hand (a series' /metadata):
-    # (body, pixel info), so harvest builds the record without reading anything else.
-    prepared: tuple[dict[str, Any], PixelInfo | None] | None = field(default=None, compare=False)
-    # Why the source will not read this entry (a folder's FIFO, a link out of the folder, a directory
-    # too deep to walk): ``read_header`` refuses it with this reason, so harvest counts, logs and
-    # remembers it like any unreadable file, until its size or time changes.
-    refused: str | None = field(default=None, compare=False)
 
 
 class Source(Protocol):

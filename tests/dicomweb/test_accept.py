@@ -7,7 +7,7 @@ import pytest
 from gateway.dicomweb.accept import Offer, negotiate, parse_accept
 from gateway.dicomweb.retrieve import _as_explicit_little_endian, _instance_offers
 from gateway.errors import NotAcceptable, RequestError, SourceError
-from gateway.registry.store import InstanceFile
+from gateway.types import InstanceFile
 from tests.conftest import fixture_files
 
 JPEG = Offer("image/jpeg", "1.2.840.10008.1.2.4.50")

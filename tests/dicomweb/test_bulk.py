@@ -12,7 +12,7 @@ from fixtures.generate import make_ct_study
 from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
 from tests.conftest import Client, make_config
-from tests.dicomweb.test_retrieve import ANY_FRAME, instance_url, parts
+from tests.helpers import ANY_FRAME, instance_url, parts
 
 
 def test_bulk_uris_top_level_and_nested_serve_the_values(tmp_path: Path):

@@ -11,7 +11,7 @@ from fixtures.generate import make_ct_study
 from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
 from tests.conftest import Client, make_config
-from tests.dicomweb.test_retrieve import ANY_FRAME, ANY_INSTANCE, instance_url
+from tests.helpers import ANY_FRAME, ANY_INSTANCE, instance_url
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.dicomweb.test_retrieve import instance_url
+from tests.helpers import instance_url
 
 KEYS = [
     "PatientName",

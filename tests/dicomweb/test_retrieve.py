@@ -2,56 +2,15 @@
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import io
-from array import array
 
 import orjson
 import pydicom
 import pytest
-from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tests.conftest import fixture_files
-
-ANY_FRAME = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
-ANY_INSTANCE = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-
-
-def parts(response) -> list[tuple[dict[str, str], bytes]]:
-    """Split a multipart/related body with the standard library's MIME parser."""
-    raw = b"Content-Type: " + response.headers["content-type"].encode() + b"\r\n\r\n" + response.content
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
-    assert message.is_multipart()
-    out = []
-    for part in message.iter_parts():
-        headers = {k.lower(): v for k, v in part.items()}
-        headers["transfer-syntax"] = part.get_param("transfer-syntax")
-        out.append((headers, part.get_payload(decode=True)))
-    return out
-
-
-def expected_frames(ds: pydicom.Dataset) -> list[bytes]:
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
-        return list(generate_frames(ds.PixelData, number_of_frames=count))
-    data = ds.PixelData
-    if ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian and ds.BitsAllocated > 8:
-        words = array("H")
-        words.frombytes(data)
-        words.byteswap()
-        data = words.tobytes()
-    length = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated // 8
-    return [data[i * length : (i + 1) * length] for i in range(count)]
-
-
-def instance_url(ds: pydicom.Dataset) -> str:
-    return (
-        f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-        f"/instances/{ds.SOPInstanceUID}"
-    )
-
+from tests.helpers import ANY_FRAME, ANY_INSTANCE, expected_frames, instance_url, parts
 
 FILES = fixture_files()
 

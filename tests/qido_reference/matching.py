@@ -16,7 +16,7 @@ from typing import Any
 
 from pydicom.datadict import keyword_for_tag
 
-from gateway.registry.attributes import COMPUTED, DEFAULTS, LEVEL_COLUMNS
+from gateway.codec.attributes import COMPUTED, DEFAULTS, LEVEL_COLUMNS
 from gateway.registry.record import INS_ISSUERS
 from tests.qido_reference.world import World, element, fold, tag, vr
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bench.synthetic import MODALITIES
-from gateway.registry.attributes import MATCHING
+from gateway.codec.attributes import MATCHING
 from tests.qido_reference.matching import (
     HELD_AT,
     INTEGER_VRS,

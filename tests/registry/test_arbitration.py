@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from gateway.registry.harvest import harvest
 from gateway.registry.store import Registry
-from gateway.stream.filesystem import FolderSource
+from gateway.stream.folder import FolderSource
 from tests.backends import Databases
 from tests.conftest import fixture_files
 
@@ -97,8 +97,8 @@ def test_a_lower_priority_copy_cannot_refile_a_study_under_another_patient(tmp_p
 
 
 def test_learning_from_a_lower_priority_source_changes_nothing(tmp_path, registry):
+    from gateway.codec.dicomfile import read_header
     from gateway.registry.record import build_record
-    from gateway.stream.dicomfile import read_header
 
     main = write(tmp_path / "main", "a.dcm", PatientID="RIGHT")
     harvest(registry, FolderSource("main", tmp_path / "main"))

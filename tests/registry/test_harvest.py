@@ -15,7 +15,7 @@ from pydicom.sequence import Sequence
 from gateway.errors import SourceError
 from gateway.registry.harvest import harvest
 from gateway.registry.store import Registry
-from gateway.stream.filesystem import FolderSource
+from gateway.stream.folder import FolderSource
 from tests.backends import Databases
 from tests.conftest import fixture_files
 

@@ -10,8 +10,7 @@ import pytest
 from gateway.registry import harvest as harvest_module
 from gateway.registry.harvest import harvest
 from gateway.registry.store import Registry
-from gateway.stream.dicomfile import PixelInfo
-from gateway.stream.source import Entry
+from gateway.types import Entry, PixelInfo
 from tests.backends import Databases
 
 

@@ -16,8 +16,9 @@ from dataclasses import replace
 import pytest
 
 from gateway.dicomweb.search import plan_query
-from gateway.registry.qido import Restriction, parse_qido
-from tests.dicomweb.test_retrieve import ANY_FRAME, instance_url, parts
+from gateway.registry.qido import parse_qido
+from gateway.types import Restriction
+from tests.helpers import ANY_FRAME, instance_url, parts
 
 STUDIES = "/dicom-web/studies"
 SERIES = "/dicom-web/series"

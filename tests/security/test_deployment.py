@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from peers.gateway import ROOT, folder_source, running_gateway
-from tests.issuers import PORTAL, PSC, issuers, study_with_ins
+from tests.helpers import PORTAL, PSC, issuers, study_with_ins
 
 pytestmark = pytest.mark.network
 INS = "1800175123456"

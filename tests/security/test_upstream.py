@@ -26,7 +26,7 @@ from gateway.config import AuthConfig, Config, Deadlines, ServerConfig, SourceCo
 from gateway.dicomweb.app import create_app
 from gateway.errors import SourceError, SourceTimeout
 from gateway.service import Gateway
-from gateway.stream import dicomweb
+from gateway.stream import dicomweb_pacs as dicomweb
 from gateway.stream.origin import OffOrigin, Origin
 
 SECRET = "Bearer upstream-only-secret"

@@ -14,9 +14,8 @@ import pydicom
 import pytest
 
 from peers.gateway import dicomweb_source, folder_source, running_gateway
-from tests.checks import assert_frames_and_instance
 from tests.conftest import FIXTURES, fixture_files
-from tests.dicomweb.test_retrieve import expected_frames
+from tests.helpers import assert_frames_and_instance, expected_frames
 
 pytestmark = pytest.mark.network
 

@@ -17,9 +17,8 @@ from fixtures.generate import make_ct_study
 from peers.dcmtk import Dcmqrscp, dcmtk_missing, running_dcmqrscp
 from peers.gateway import dimse_source, running_gateway
 from peers.process import free_port
-from tests.checks import assert_frames_and_instance
 from tests.conftest import fixture_files
-from tests.dicomweb.test_retrieve import expected_frames
+from tests.helpers import assert_frames_and_instance, expected_frames
 
 pytestmark = [
     pytest.mark.network,

@@ -16,7 +16,7 @@ from peers.dcmtk import dcmtk_missing, running_dcmqrscp
 from peers.gateway import dicomweb_source, dimse_source, folder_source, running_gateway
 from peers.orthanc import orthanc_missing, running_orthanc
 from tests.conftest import fixture_files
-from tests.dicomweb.test_retrieve import expected_frames
+from tests.helpers import expected_frames
 
 pytestmark = [
     pytest.mark.network,

@@ -8,8 +8,7 @@ import base64
 import os
 import shutil
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,23 @@ import gateway.registry.store as store
 from fixtures.generate import make_ct_study
 from gateway.dicomweb.app import create_app
 from gateway.errors import SourceError
-from gateway.registry.store import Location
 from gateway.service import Gateway
-from gateway.stream.filesystem import MAX_DEPTH, FolderSource
+from gateway.stream.folder import MAX_DEPTH, FolderSource
+from gateway.types import Location
 from tests.conftest import FIXTURES, Client, make_config
-from tests.dicomweb.test_retrieve import ANY_FRAME, ANY_INSTANCE, expected_frames, instance_url, parts
+from tests.helpers import (
+    ANY_FRAME,
+    ANY_INSTANCE,
+    BLOB,
+    TRAILER_SOURCES,
+    expected_frames,
+    instance_url,
+    nest,
+    parts,
+    unnest,
+    with_trailer,
+    within_seconds,
+)
 
 NAME = "archive"
 
@@ -83,55 +94,9 @@ def served(folder: Path, tmp_path: Path) -> Iterator[Served]:
     s.gateway.registry.close()
 
 
-def within_seconds(work: Callable[[], Any], seconds: float) -> Any:
-    """``work()``'s result; fails (instead of hanging the suite) when it takes longer."""
-    result: list[Any] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(work())
-        except BaseException as exc:  # re-raised in the test's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s: a hang"
-    if errors:
-        raise errors[0]
-    return result[0]
-
-
 def first(folder: Path) -> tuple[Path, pydicom.Dataset]:
     path = sorted(folder.glob("*.dcm"))[0]
     return path, pydicom.dcmread(path)
-
-
-def nest(root: Path, levels: int, name: str = "d") -> Path:
-    """``levels`` nested directories under ``root`` (made one at a time: os.makedirs recurses)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(levels):
-            os.mkdir(name, dir_fd=fd)
-            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-    finally:
-        os.close(fd)
-    return root.joinpath(*[name] * levels)
-
-
-def unnest(root: Path, name: str = "d") -> None:
-    """Remove what ``nest`` made, deepest first (shutil.rmtree recurses as deep as the tree)."""
-    chain = [root]
-    while (chain[-1] / name).is_dir() and not (chain[-1] / name).is_symlink():
-        chain.append(chain[-1] / name)
-    for directory in reversed(chain[1:]):
-        for child in directory.iterdir():
-            if not child.is_dir() or child.is_symlink():
-                child.unlink()
-        directory.rmdir()
 
 
 # -- links ------------------------------------------------------------------------------------------
@@ -363,28 +328,6 @@ def test_a_name_that_is_not_utf8_is_refused_and_the_rest_indexed(folder, tmp_pat
 # -- elements after Pixel Data -------------------------------------------------------------------------
 
 
-TRAILER_SOURCES = {
-    "explicit-le": "GW-0001/A1001_ct_chest/s01_ct_explicit_vr_le_01.dcm",
-    "implicit-le": "GW-0001/A1001_ct_chest/s02_ct_implicit_vr_le_01.dcm",
-    "explicit-be": "GW-0001/A1002_mr_brain/s01_mr_explicit_vr_be_01.dcm",
-    "deflated": "GW-0001/A1002_mr_brain/s02_mr_deflated_explicit_vr_le_01.dcm",
-    "encapsulated-multiframe": "GW-0002/B2002_us_abdomen/s01_us_jpegls_multiframe_bot_01.dcm",
-    "native-multiframe": "GW-0001/A1002_mr_brain/s03_sc_native_multiframe_5f_01.dcm",
-}
-BLOB = bytes(range(256)) * 8  # past the inline limit: a BulkDataURI
-
-
-def with_trailer(source: Path, target: Path) -> pydicom.Dataset:
-    ds = pydicom.dcmread(source)
-    ds.add_new(0x7FE10010, "LO", "GATEWAY TEST")  # private groups above Pixel Data, as in real files
-    ds.add_new(0x7FE11010, "LO", "after the pixels")
-    ds.add_new(0x7FE11020, "OB", BLOB)
-    ds.add_new(0x8E050010, "LO", "OTHER CREATOR")
-    ds.add_new(0x8E051001, "US", 7)
-    ds.save_as(target)
-    return ds
-
-
 @pytest.mark.parametrize("kind", list(TRAILER_SOURCES), ids=list(TRAILER_SOURCES))
 def test_private_elements_after_pixel_data_reach_metadata(kind, tmp_path):
     folder = tmp_path / NAME
@@ -428,7 +371,7 @@ def test_zero_padding_after_pixel_data_adds_no_element(tmp_path):
 
 
 def test_without_proc_the_walk_alone_opens_and_refuses_the_same(folder, outside, tmp_path, monkeypatch):
-    import gateway.stream.filesystem as filesystem
+    import gateway.stream.folder as filesystem
 
     monkeypatch.setattr(filesystem, "_HAVE_PROC", False)  # as on a system without /proc
     (folder / "escape.dcm").symlink_to(outside)

@@ -12,8 +12,8 @@ from dicomweb_client.api import DICOMwebClient
 
 from peers.gateway import dicomweb_source, running_gateway
 from peers.orthanc import Orthanc, orthanc_missing, running_orthanc
-from tests.checks import assert_frames_and_instance
 from tests.conftest import fixture_files
+from tests.helpers import assert_frames_and_instance
 
 pytestmark = [
     pytest.mark.network,

@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
 from tests.conftest import Client, make_config
-from tests.dicomweb.test_retrieve import ANY_FRAME, expected_frames, parts
+from tests.helpers import ANY_FRAME, expected_frames, parts
 
 SAMPLES = Path(get_testdata_file("CT_small.dcm")).parent
 

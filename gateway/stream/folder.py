@@ -46,12 +46,12 @@ from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 
+from gateway.codec import framemap
+from gateway.codec.dicomfile import bulk_value, read_header, to_little_endian
 from gateway.errors import DicomFileError, NotFound, SourceError
 from gateway.redact import escape
-from gateway.registry.store import InstanceFile, Location
-from gateway.stream import framemap
-from gateway.stream.dicomfile import PixelInfo, bulk_value, read_header, to_little_endian
-from gateway.stream.source import CHUNK, Entry
+from gateway.stream.source import CHUNK
+from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
 __all__ = ["FolderSource", "MAX_DEPTH"]
 

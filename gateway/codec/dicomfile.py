@@ -24,7 +24,6 @@ import os
 import struct
 import zlib
 from array import array
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -43,11 +42,11 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
+from gateway.codec import framemap
 from gateway.errors import DicomFileError, NotFound
-from gateway.stream import framemap
+from gateway.types import PixelInfo
 
 __all__ = [
-    "PixelInfo",
     "read_header",
     "frame_of",
     "bulk_value",
@@ -75,21 +74,6 @@ _DEFLATED = DeflatedExplicitVRLittleEndian.encode("ascii")
 _PEEK = 4096  # bytes read to learn the transfer syntax: a file meta group is ~200 bytes
 _LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
 _KNOWN_VRS = frozenset(vr.encode("ascii") for vr in STANDARD_VR)
-
-
-@dataclass(frozen=True)
-class PixelInfo:
-    """Where an instance's frames are and how to serve them."""
-
-    transfer_syntax: str | None  # None: a remote source that does not say
-    mode: str  # "direct" | "swap" | "decode"
-    encapsulated: bool
-    vr: str  # the Pixel Data VR as stored: OB or OW
-    value_offset: int  # first byte of the value (native) or of the first item (encapsulated)
-    value_length: int  # bytes of the value; -1 for undefined length
-    frames: framemap.Packed | None  # packed frame map, None when frames cannot be located
-    frame_error: str | None = None  # why frames cannot be located, for the 5xx message
-    swap_width: int = 0  # 2 or 4 for big endian words
 
 
 def read_header(path: Path | BinaryIO) -> tuple[Dataset, PixelInfo | None]:

@@ -31,13 +31,11 @@ import httpx
 import orjson
 from pydicom.uid import UID
 
+from gateway.codec.multipart import Data, Headers, MultipartReader, PartEnd, boundary_of
 from gateway.config import SourceConfig
 from gateway.errors import GatewayError, NotFound, SourceError, SourceTimeout, SourceUnavailable
-from gateway.registry.store import InstanceFile, Location
-from gateway.stream.dicomfile import PixelInfo
-from gateway.stream.multipart_reader import Data, Headers, MultipartReader, PartEnd, boundary_of
 from gateway.stream.origin import OffOrigin, Origin, quoted
-from gateway.stream.source import Entry
+from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
 __all__ = ["DicomwebSource"]
 

@@ -3,8 +3,8 @@ import struct
 import pytest
 from pydicom.encaps import encapsulate, encapsulate_extended
 
+from gateway.codec import framemap
 from gateway.errors import DicomFileError
-from gateway.stream import framemap
 
 
 def _reader(data: bytes):

@@ -36,13 +36,13 @@ from pydicom.encaps import generate_fragments
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
+import gateway.codec.dicomfile as dicomfile
 import gateway.registry.store as store
-import gateway.stream.dicomfile as dicomfile
-from gateway.stream import framemap
-from gateway.stream.filesystem import MAX_DEPTH
+from gateway.codec import framemap
+from gateway.stream.folder import MAX_DEPTH
 from tests.conftest import FIXTURES
-from tests.dicomweb.test_retrieve import ANY_FRAME, ANY_INSTANCE, expected_frames
-from tests.stream.test_folder_integrity import Served, nest, unnest, with_trailer, within_seconds
+from tests.helpers import ANY_FRAME, ANY_INSTANCE, expected_frames, nest, unnest, with_trailer, within_seconds
+from tests.stream.test_folder_integrity import Served
 
 SEED = 20240617
 BUDGET = 20.0  # seconds the harvest may take, for a few hundred small files

@@ -1,12 +1,12 @@
 import pytest
 
-from gateway.dicomweb.multipart import MultipartWriter
-from gateway.stream.multipart_reader import (
+from gateway.codec.multipart import (
     Data,
     End,
     Headers,
     MultipartError,
     MultipartReader,
+    MultipartWriter,
     PartEnd,
     boundary_of,
 )

@@ -14,13 +14,13 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
 
-import gateway.stream.dicomfile as dicomfile
+import gateway.codec.dicomfile as dicomfile
+from gateway.codec import framemap
+from gateway.codec.dicomfile import read_header
 from gateway.errors import DicomFileError
-from gateway.stream import framemap
-from gateway.stream.dicomfile import read_header
 from tests.conftest import FIXTURES
-from tests.stream.test_folder_integrity import BLOB, TRAILER_SOURCES
-from tests.stream.test_hostile_files import with_syntax
+from tests.helpers import BLOB, TRAILER_SOURCES
+from tests.codec.test_hostile_files import with_syntax
 
 EXPLICIT = FIXTURES / TRAILER_SOURCES["explicit-le"]
 DEFLATED = FIXTURES / TRAILER_SOURCES["deflated"]

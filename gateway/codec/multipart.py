@@ -1,20 +1,35 @@
-"""An incremental multipart/related reader (RFC 2046 5.1, PS3.18 8.6.1.2), without I/O.
+"""multipart/related payloads (RFC 2387, RFC 2046 5.1, PS3.18 8.6.1.2), read and written without I/O.
 
-Upstream WADO-RS responses are read as they arrive: ``feed(chunk)`` returns events, so a part's
-body is passed on before the part, let alone the response, has ended. Memory is bounded by the
-chunk size plus a boundary's length, whatever the part sizes.
+Writing: a random boundary per response (never a fixed one that image bytes could contain), part
+headers that carry each part's media type and transfer syntax, and a total length known before the
+first byte so that the response has a Content-Length: a client can tell a cut transfer from a
+complete one.
 
-Events: ``Headers(dict)`` at the start of a part, ``Data(bytes)`` for body bytes, ``PartEnd()``,
-and ``End()`` after the closing delimiter. Malformed input raises ``MultipartError``.
+Reading: upstream WADO-RS responses are read as they arrive: ``feed(chunk)`` returns events, so a
+part's body is passed on before the part, let alone the response, has ended. Memory is bounded by
+the chunk size plus a boundary's length, whatever the part sizes. Events: ``Headers(dict)`` at the
+start of a part, ``Data(bytes)`` for body bytes, ``PartEnd()``, and ``End()`` after the closing
+delimiter. Malformed input raises ``MultipartError``.
 """
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.errors import SourceError
 
-__all__ = ["MultipartReader", "Headers", "Data", "PartEnd", "End", "MultipartError", "boundary_of"]
+__all__ = [
+    "MultipartWriter",
+    "MultipartReader",
+    "Headers",
+    "Data",
+    "PartEnd",
+    "End",
+    "MultipartError",
+    "boundary_of",
+]
 
 _MAX_HEADERS = 16 * 1024
 
@@ -154,3 +169,38 @@ class MultipartReader:
 
     def _done(self, events: list[Event]) -> None:
         self._pos = len(self._buffer)  # the epilogue is ignored (RFC 2046)
+
+
+class MultipartWriter:
+    def __init__(self, part_type: str, boundary: str | None = None) -> None:
+        self.part_type = part_type
+        self.boundary = boundary or secrets.token_hex(16)
+        self._delimiter = f"--{self.boundary}\r\n".encode("ascii")
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="{self.part_type}"; boundary={self.boundary}'
+
+    def part_header(
+        self, length: int | None, transfer_syntax: str | None = None, location: str | None = None
+    ) -> bytes:
+        media = self.part_type
+        if transfer_syntax and transfer_syntax != "*":
+            media += f"; transfer-syntax={transfer_syntax}"
+        lines = [f"Content-Type: {media}"]
+        if length is not None:  # unknown for parts streamed through from another server
+            lines.append(f"Content-Length: {length}")
+        if location:
+            lines.append(f"Content-Location: {location}")
+        return self._delimiter + ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+    part_end = b"\r\n"
+
+    def closing(self) -> bytes:
+        return f"--{self.boundary}--\r\n".encode("ascii")
+
+    def total_length(self, headers_and_lengths: Iterable[tuple[bytes, int]]) -> int:
+        total = len(self.closing())
+        for header, length in headers_and_lengths:
+            total += len(header) + length + len(self.part_end)
+        return total

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.registry.attributes import resolve_attribute
+from gateway.codec.attributes import resolve_attribute
 
 
 @pytest.mark.parametrize("name", ["-0000001", "0x100010", "1_000010", "0010001G", "Patient Name"])

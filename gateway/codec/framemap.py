@@ -16,9 +16,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from gateway.errors import DicomFileError
+from gateway.types import Packed
 
 __all__ = [
     "FrameMap",
@@ -37,7 +37,6 @@ __all__ = [
 Fragment = tuple[int, int]
 FrameMap = tuple[tuple[Fragment, ...], ...]
 ReadAt = Callable[[int, int], bytes]
-Packed = dict[str, Any]  # the registry's JSON form, see the module docstring
 
 _ITEM = 0xE000FFFE  # (FFFE,E000) as read from little endian "FE FF 00 E0"
 _SEQ_DELIMITER = 0xE0DDFFFE

@@ -13,9 +13,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-import gateway.stream.dicomfile  # noqa: F401  (sets pydicom's validation mode as the gateway does)
+import gateway.codec.dicomfile  # noqa: F401  (sets pydicom's validation mode as the gateway does)
+from gateway.codec.dicomjson import INLINE_LIMIT, dataset_json
 from gateway.errors import DicomFileError
-from gateway.registry.dicomjson import INLINE_LIMIT, dataset_json
 from tests.conftest import fixture_files
 
 SAMPLES = Path(get_testdata_file("CT_small.dcm")).parent

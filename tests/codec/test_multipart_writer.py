@@ -1,7 +1,7 @@
 import email.parser
 import email.policy
 
-from gateway.dicomweb.multipart import MultipartWriter
+from gateway.codec.multipart import MultipartWriter
 
 
 def build(writer, payloads, syntax="1.2.840.10008.1.2.1"):
