@@ -39,7 +39,7 @@ LOG_NAME = "gateway-dimse.log"  # every start's log, appended, in logs/ (scanned
 GETSCU_AET = "GETSCU"
 CONNECTIONS = 8  # the frame load's connections (one load only: each frame may be a C-GET)
 RETRIEVES = 3  # whole-study retrieves (gateway) and getscu runs: the best is reported
-CACHE_BYTES = 128 * 1024 * 1024  # the gateway's DIMSE instance cache (gateway/stream/dimse.py)
+CACHE_BYTES = 128 * 1024 * 1024  # the gateway's DIMSE instance cache (gateway/stream/dimse/source.py)
 assert GETSCU_AET in DIMSE_CALLERS  # Orthanc refuses C-GET from AE titles it does not know
 
 

@@ -754,9 +754,9 @@ def main(argv: list[str] | None = None) -> int:
 def _route_table(site: Site) -> tuple[list[RouteSpec], Callable[[], int]]:
     """The application's routes, from an app built on the site's configuration (never served),
     and a function counting the audit records in its access database."""
-    from gateway.access.service import Access
+    from gateway.access.control import Access
+    from gateway.app import create_app
     from gateway.config import load_config
-    from gateway.dicomweb.app import create_app
     from gateway.service import Gateway
 
     config = load_config(site.config, env={})

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import OUT_DIR, log, percentile
 from bench.report import machine_info
+from gateway.app import create_app
 from gateway.config import AuthConfig, Config, ServerConfig
-from gateway.dicomweb.app import create_app
 from gateway.registry.store import Registry
 from gateway.service import Gateway
 from tests.conftest import Client

@@ -48,9 +48,9 @@ from bench.report import machine_info, verdict
 from bench.servers import gateway_server, log_problems
 from bench.study import warm_page_cache
 from bench.synthetic import INS_OID, Prepared, Shape, open_registry, prepare_registry
-from gateway.dicomweb.search import plan_query
-from gateway.registry.qido import parse_qido
+from gateway.dicomweb.query import parse_qido
 from gateway.registry.record import fold_text
+from gateway.registry.search import plan_query
 from gateway.registry.store import Registry
 
 TARGET_P95_MS = 20.0

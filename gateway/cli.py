@@ -180,7 +180,7 @@ def _sources(config: Config) -> int:
 def _serve(config: Config, host: str | None, port: int | None, harvest: bool) -> int:
     import uvicorn
 
-    from gateway.dicomweb.app import create_app
+    from gateway.app import create_app
     from gateway.dicomweb.protocol import BoundedHttpToolsProtocol
     from gateway.service import Gateway
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import anyio
@@ -18,7 +19,7 @@ from gateway.registry.harvest import harvest
 from gateway.registry.record import build_record
 from gateway.registry.store import Registry, SourceStats
 from gateway.stream.dicomweb_pacs import DicomwebSource
-from gateway.stream.dimse import DimseSource
+from gateway.stream.dimse.source import DimseSource
 from gateway.stream.federation import Federation
 from gateway.stream.folder import FolderSource
 from gateway.stream.source import Source
@@ -28,13 +29,20 @@ __all__ = ["Gateway", "make_source"]
 log = logging.getLogger("gateway")
 
 
-def make_source(config: SourceConfig) -> Source:
+def make_source(
+    config: SourceConfig,
+    learn: Callable[[str, bytes], None] | None = None,
+    changed: Callable[[str], None] | None = None,
+) -> Source:
+    """The source a configuration names, given the callbacks its kind takes: ``learn`` (a source
+    whose search answers are partial: an instance's path and bytes, the first time it comes) and
+    ``changed`` (a folder: the path of a file found changed since it was indexed)."""
     if config.kind == "filesystem" and config.path is not None:
-        return FolderSource(config.name, config.path)
+        return FolderSource(config.name, config.path, changed=changed)
     if config.kind == "dicomweb":
         return DicomwebSource(config)
     if config.kind == "dimse":
-        return DimseSource(config)
+        return DimseSource(config, learn=learn)
     raise ConfigError(f"sources.{config.name}.kind: {config.kind!r} is not supported")
 
 
@@ -43,11 +51,12 @@ class Gateway:
         self.config = config
         self.registry = registry or Registry(config.registry_url)
         self.registry.ranks = {s.name: s.priority for s in config.sources}
-        self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources}
+        # Folders get no ``changed`` yet: a file found changed is refused (502) until the source's
+        # next scheduled harvest indexes it again.
+        self.sources: dict[str, Source] = {
+            s.name: make_source(s, learn=functools.partial(self._learn, s.name)) for s in config.sources
+        }
         self.federation = Federation(self.sources, {s.name: s.priority for s in config.sources})
-        for source in self.sources.values():
-            if isinstance(source, DimseSource):
-                source.learn = functools.partial(self._learn, source.name)
 
     def _learn(self, source: str, path: str, data: bytes) -> None:
         """Index what an instance received from a remote source says about itself."""
@@ -76,7 +85,7 @@ class Gateway:
         """Harvest one source; None when another node (or process) is harvesting it right now:
         one harvest per source at a time, whatever the number of nodes on the registry."""
         source = self.sources[name]
-        with self.registry.db.exclusive(f"harvest:{name}") as mine:
+        with self.registry.harvesting(name) as mine:
             if not mine:
                 log.info("source %s: being harvested by another node; skipped this round", name)
                 return None

@@ -1,5 +1,7 @@
 """Value types shared by every layer: what a source holds, where an instance lies, how its frames
-are laid out, which studies a caller may see, and the small vocabularies these use.
+are laid out, which studies a caller may see, what a search asks (``Query``: parsed from the query
+string by ``gateway.dicomweb.query``, compiled to SQL by ``gateway.registry.qido``), and the small
+vocabularies these use.
 
 This module sits at the bottom of the package (it imports nothing of the gateway), so the codecs,
 the registry, the sources, the access policy and the HTTP layer can all speak of the same things
@@ -22,6 +24,8 @@ __all__ = [
     "Location",
     "InstanceFile",
     "Restriction",
+    "Match",
+    "Query",
 ]
 
 Level = Literal["study", "series", "instance"]  # QIDO and WADO levels (PS3.18 10.6, 10.4)
@@ -114,3 +118,30 @@ class Restriction:
     patients: frozenset[str] | None = None  # INS of the patients whose studies are visible
     studies: frozenset[str] | None = None  # the only visible studies (a study link)
     hidden: frozenset[str] = frozenset()  # studies hidden by their patient
+
+
+@dataclass(frozen=True)
+class Match:
+    """One matching key of a search (PS3.4 C.2.2.2), by DICOM keyword; ``values`` as the kind
+    needs them: one value or pattern, the list's values, a range's (low, high) with "" for an open
+    end, none for universal matching."""
+
+    keyword: str
+    kind: MatchKind
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Query:
+    """A QIDO-RS search (PS3.18 10.6): what ``gateway.dicomweb.query.parse_qido`` made of the
+    query string, the UIDs of the path, and what the caller may see."""
+
+    level: Level
+    matches: tuple[Match, ...] = ()
+    includefields: tuple[str, ...] = ()  # DICOM keywords, in the order first asked
+    include_all: bool = False  # includefield=all
+    fuzzy: bool = False  # fuzzymatching=true
+    limit: int | None = None  # None: not given (the registry answers at most its own page)
+    offset: int = 0
+    scope: dict[str, str] = field(default_factory=dict)  # UIDs from the path, by keyword
+    restriction: Restriction | None = None  # None: the caller sees every study

@@ -11,8 +11,8 @@ import httpx
 import pydicom
 import pytest
 
+from gateway.app import create_app
 from gateway.config import AuthConfig, Config, ServerConfig, SourceConfig
-from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
 from tests.backends import BACKENDS, Databases, databases, postgres_problem, postgres_required
 

@@ -14,7 +14,7 @@ import threading
 import anyio
 import anyio.to_thread
 
-from gateway.access.record import AuditRecord
+from gateway.access.audit_record import AuditRecord
 from gateway.access.store import AccessStore
 from gateway.errors import GatewayError
 

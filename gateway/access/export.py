@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from gateway.access.record import AuditRecord
+from gateway.access.audit_record import AuditRecord
 
 __all__ = ["dicom_audit_message", "fhir_audit_event", "audit_bundle"]
 

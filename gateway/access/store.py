@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
 
-from gateway.access.record import AuditRecord
+from gateway.access.audit_record import AuditRecord
 from gateway.errors import RegistryError
 from gateway.registry.database import open_database
 

@@ -1,1 +1,3 @@
-"""HTTP outside DICOMweb: the access middleware, the JSON API, study links and IHE IID."""
+"""HTTP outside DICOMweb: the access middleware around every request, the answers to errors, and
+the JSON API, one module per concern (study links, grants, hidden studies, emergency access, the
+access history, IHE Invoke Image Display), each with its ``ROUTES`` for ``gateway.app``."""

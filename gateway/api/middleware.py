@@ -27,50 +27,49 @@ import anyio.to_thread
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import urls
+from gateway.access.audit_record import AuditRecord
+from gateway.access.control import SESSION_COOKIE, Access
 from gateway.access.identity import ANONYMOUS, Principal
-from gateway.access.record import AuditRecord
-from gateway.access.service import SESSION_COOKIE, Access
 from gateway.errors import GatewayError
 from gateway.redact import escape, redact
 
-__all__ = ["AccessMiddleware", "audit_of"]
+__all__ = ["AccessMiddleware", "audit_of", "logged_path"]
 
 log = logging.getLogger("gateway.http")
 
-_STUDY = re.compile(r"^/dicom-web/studies/([^/]+)")
-_QIDO = re.compile(
-    r"^/dicom-web(/studies(/[^/]+/series(/[^/]+/instances)?|/[^/]+/instances)?|/series|/instances)?/?$"
-)
 # (method, path, action): the first that matches names the request's action; "other" otherwise.
+# The paths are gateway/urls.py's templates, so a route and its action cannot drift apart; "/?$"
+# takes a collection with a trailing slash too (Starlette redirects it), under a study any path.
 _ACTIONS = [
-    (None, _QIDO, "query"),
-    (None, re.compile(r"^/dicom-web/studies/[^/]+(/.*)?/metadata$"), "metadata"),
-    (None, re.compile(r"^/dicom-web/studies/[^/]+(/.*)?$"), "retrieve"),
-    ("POST", re.compile(r"^/api/links/?$"), "link.create"),
-    ("GET", re.compile(r"^/api/links/?$"), "link.list"),
-    ("DELETE", re.compile(r"^/api/links/[^/]+$"), "link.revoke"),
-    (None, re.compile(r"^/link/"), "link.use"),
-    ("POST", re.compile(r"^/api/grants/?$"), "grant.create"),
-    ("GET", re.compile(r"^/api/grants/?$"), "grant.list"),
-    ("DELETE", re.compile(r"^/api/grants/[^/]+$"), "grant.revoke"),
-    ("POST", re.compile(r"^/api/hidden/?$"), "study.hide"),
-    ("GET", re.compile(r"^/api/hidden/?$"), "hidden.list"),
-    ("DELETE", re.compile(r"^/api/hidden/[^/]+$"), "study.unhide"),
-    ("POST", re.compile(r"^/api/emergency/?$"), "emergency.open"),
-    ("GET", re.compile(r"^/api/emergency/?$"), "emergency.list"),
-    ("GET", re.compile(r"^/api/audit/?$"), "audit.read"),
-    (None, re.compile(r"^/IHEInvokeImageDisplay/?$"), "viewer.open"),
+    (None, urls.QIDO_PATH, "query"),
+    (None, urls.pattern(urls.DICOMWEB + urls.STUDY, "(/.*)?" + re.escape(urls.METADATA) + "$"), "metadata"),
+    (None, urls.pattern(urls.DICOMWEB + urls.STUDY, "(/.*)?$"), "retrieve"),
+    ("POST", urls.pattern(urls.LINKS, "/?$"), "link.create"),
+    ("GET", urls.pattern(urls.LINKS, "/?$"), "link.list"),
+    ("DELETE", urls.pattern(urls.LINK), "link.revoke"),
+    (None, urls.pattern(urls.LINK_USE_PREFIX, ""), "link.use"),
+    ("POST", urls.pattern(urls.GRANTS, "/?$"), "grant.create"),
+    ("GET", urls.pattern(urls.GRANTS, "/?$"), "grant.list"),
+    ("DELETE", urls.pattern(urls.GRANT), "grant.revoke"),
+    ("POST", urls.pattern(urls.HIDDEN, "/?$"), "study.hide"),
+    ("GET", urls.pattern(urls.HIDDEN, "/?$"), "hidden.list"),
+    ("DELETE", urls.pattern(urls.HIDDEN_STUDY), "study.unhide"),
+    ("POST", urls.pattern(urls.EMERGENCY, "/?$"), "emergency.open"),
+    ("GET", urls.pattern(urls.EMERGENCY, "/?$"), "emergency.list"),
+    ("GET", urls.pattern(urls.AUDIT, "/?$"), "audit.read"),
+    (None, urls.pattern(urls.IID, "/?$"), "viewer.open"),
 ]
 _SECURITY = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),  # link secrets and UIDs never leave in a Referer
     (b"x-frame-options", b"SAMEORIGIN"),
 ]
-_SESSIONLESS = ("/link/", "/viewer", "/health")
+_SESSIONLESS = (urls.LINK_USE_PREFIX, urls.VIEWER, urls.HEALTH)
 # Patient data and the API's answers are never kept by a shared cache (a proxy, a CDN) nor
 # written to a browser's disk cache: every read is checked against the policy and audited.
 _NO_STORE = [(b"cache-control", b"no-store")]
-_UNAUDITED = ("/health", "/viewer")  # probes and static files: no patient data
+_UNAUDITED = (urls.HEALTH, urls.VIEWER)  # probes and static files: no patient data
 _AUTH_THREADS = 8  # worker threads for identity checks (key fetches, session reads)
 
 
@@ -198,7 +197,7 @@ class AccessMiddleware:
             outcome = "denied" if status in (401, 403, 404) else "error"
         else:
             outcome = "success" if sent["complete"] else "incomplete"
-        study = noted.get("study") or (m.group(1) if (m := _STUDY.match(path)) else None)
+        study = noted.get("study") or (m.group(1) if (m := urls.STUDY_PATH.match(path)) else None)
         patients: list[str] = []
         if principal.role != "anonymous":  # unauthenticated noise never enters a history
             patients = [p for p in (noted.get("patient"), *noted.get("patients", ())) if p]

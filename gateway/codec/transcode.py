@@ -3,7 +3,7 @@
 PS3.18 8.7.3.3.1: Implicit VR Little Endian and Explicit VR Big Endian shall not be used by web
 services, so such files (and deflated ones, when the client did not accept deflate) are re-encoded.
 The whole instance is held in memory for this, bounded by one instance's size; frames of these
-files do not come through here (see ``FolderSource.aiter_frame``).
+files do not come through here (see ``FolderSource.open_frame``).
 """
 
 from __future__ import annotations

@@ -14,11 +14,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from gateway.dicomweb.accept import parse_accept
-from gateway.dicomweb.scope import not_found, where
+from gateway.dicomweb.scope import not_found
 from gateway.errors import GatewayError, NotAcceptable
 from gateway.registry.record import BULK_KEY
 from gateway.registry.store import Registry
-from gateway.stream.dimse import DimseSource
 from gateway.stream.federation import Federation
 from gateway.types import InstanceFile
 
@@ -32,9 +31,8 @@ async def retrieve_metadata(
     request: Request, registry: Registry, federation: Federation, scope: dict[str, str], base_url: str
 ) -> Response:
     _require_json(request)
-    condition, params = where(scope)
-    await _complete_from_dimse(registry, federation, condition, params)
-    fragments = await anyio.to_thread.run_sync(registry.metadata, condition, params)
+    await _complete_partial(registry, federation, scope)
+    fragments = await anyio.to_thread.run_sync(registry.metadata, scope)
     if not fragments:
         raise not_found(scope)
     prefix = BULK_KEY + base_url.encode()
@@ -56,25 +54,31 @@ async def retrieve_metadata(
     return StreamingResponse(body(), media_type="application/dicom+json")
 
 
-async def _complete_from_dimse(
-    registry: Registry, federation: Federation, condition: str, params: tuple[str, ...]
+async def _complete_partial(
+    registry: Registry, federation: Federation, scope: dict[str, str]
 ) -> None:
-    """A DIMSE PACS's search answers hold a few attributes; the full header of an instance is
-    learnt when it is first retrieved. Metadata asked for before that: retrieve those instances
-    now (one C-GET per series, pixels dropped once the header is indexed), then answer."""
-    instances = await anyio.to_thread.run_sync(registry.instance_files, condition, params)
+    """A source that ``learns_on_retrieve`` (a DIMSE PACS, whose search answers hold a few
+    attributes) indexes an instance's full header when it is first retrieved. Metadata asked for
+    before that: retrieve those instances now (in one retrieval per series where the source can
+    send a batch; pixels dropped once the header is indexed), then answer."""
+    instances = await anyio.to_thread.run_sync(registry.instance_files, scope)
     runs: dict[tuple[str, str], list[InstanceFile]] = {}
     for alternatives in instances:
         if all(a.remote and a.TransferSyntaxUID is None for a in alternatives):
             first = alternatives[0]
-            if isinstance(federation.sources.get(first.source), DimseSource):
+            source = federation.sources.get(first.source)
+            if source is not None and source.learns_on_retrieve:
                 runs.setdefault((first.source, first.path.split("/instances/")[0]), []).append(first)
     for (name, _), files in runs.items():
         source = federation.sources[name]
-        assert isinstance(source, DimseSource)
         try:
-            async for _ in source.aiter_instances(files):
-                pass  # learning happens as each instance arrives
+            if source.batch is not None:
+                async for _ in source.batch.aiter_instances(files):
+                    pass  # learning happens as each instance arrives
+            else:
+                for file in files:
+                    async for _ in source.aiter_instance(file):
+                        pass
         except GatewayError as exc:  # answer with what the search gave rather than not at all
             log.warning("metadata from source %s stays partial: %s", name, exc.message)
 

@@ -36,11 +36,12 @@ from gateway.dicomweb.accept import (
     negotiate,
     parse_accept,
 )
-from gateway.dicomweb.scope import not_found, where
+from gateway.dicomweb.scope import not_found
 from gateway.dicomweb.streaming import SizedStream, sized_stream, stream
 from gateway.errors import NotAcceptable, NotFound, RequestError, SourceError
 from gateway.registry.store import Registry
 from gateway.stream.federation import Federation
+from gateway.stream.source import BatchRetrieval
 from gateway.types import InstanceFile, Location
 
 __all__ = ["retrieve_instances", "retrieve_frames", "retrieve_bulk", "parse_frame_numbers"]
@@ -114,8 +115,7 @@ def _instance_offers(location: InstanceFile) -> list[Offer]:
 async def retrieve_instances(
     request: Request, registry: Registry, federation: Federation, scope: dict[str, str], base_url: str
 ) -> Response:
-    condition, params = where(scope)
-    instances = await anyio.to_thread.run_sync(registry.instance_files, condition, params)
+    instances = await anyio.to_thread.run_sync(registry.instance_files, scope)
     if not instances:
         raise not_found(scope)
     ranges = parse_accept(request.headers.get("accept"))
@@ -135,10 +135,10 @@ async def retrieve_instances(
         while index < len(plan):
             batch = _batch(federation, plan, index)
             if batch:  # a run of one series from a source that sends many instances at once
-                source, files, syntax = batch
+                retrieval, files, syntax = batch
                 _note_source(request, files[0].source)
                 received = 0
-                async for data in source.aiter_instances(files):  # type: ignore[attr-defined]
+                async for data in retrieval.aiter_instances(files):
                     received += 1
                     if syntax == EXPLICIT_LE and _unknown(files[0]):
                         data = await _as_explicit_little_endian(data, files[0])
@@ -177,14 +177,17 @@ async def retrieve_instances(
 _BATCH = 1000  # instances asked for in one request to a source that can send many
 
 
-def _batch(federation: Federation, plan: list[Any], start: int) -> tuple[Any, list[InstanceFile], str] | None:
-    """The run of instances from ``start`` that one remote source can send in one retrieval: the
-    same preferred source, the same series, sent as stored (or, their syntax unknown, as Explicit
-    VR Little Endian: ``_as_explicit_little_endian``); with the syntax of its parts. None when
-    there is no such run."""
+def _batch(
+    federation: Federation, plan: list[Any], start: int
+) -> tuple[BatchRetrieval, list[InstanceFile], str] | None:
+    """The run of instances from ``start`` that one remote source can send in one retrieval
+    (its ``batch``): the same preferred source, the same series, sent as stored (or, their syntax
+    unknown, as Explicit VR Little Endian: ``_as_explicit_little_endian``); with the syntax of its
+    parts. None when there is no such run."""
     first, offer = plan[start][0]
     source = federation.sources.get(first.source)
-    if not first.remote or not hasattr(source, "aiter_instances") or not _in_batch(first, offer):
+    batch = source.batch if source is not None else None
+    if not first.remote or batch is None or not _in_batch(first, offer):
         return None
     if federation.order([c[0] for c in plan[start]])[0] is not first:
         return None  # the preferred source is down: per instance, with failover
@@ -198,7 +201,7 @@ def _batch(federation: Federation, plan: list[Any], start: int) -> tuple[Any, li
             break
         files.append(location)
     syntax = offer.transfer_syntax if _unknown(first) else first.TransferSyntaxUID or UNKNOWN
-    return (source, files, syntax) if len(files) > 1 else None
+    return (batch, files, syntax) if len(files) > 1 else None
 
 
 def _in_batch(location: InstanceFile, offer: Offer) -> bool:
@@ -339,31 +342,32 @@ async def retrieve_frames(
             f"instance {scope['SOPInstanceUID']}: its source did not say how many frames it holds; "
             "ask for them by number (/frames/1,2,...)"
         )
-    meta: dict[str, int] = {}
-    located, first, rest = await federation.open(
-        [location for location, _ in choices],
-        lambda source, loc: source.aiter_frame(loc, numbers[0] - 1, meta),
+    asked = numbers[0] - 1
+    located, opened = await federation.first(
+        [location for location, _ in choices], lambda source, location: source.open_frame(location, asked)
     )
     _note_source(request, located.source)
     offer = _offer_of(choices, located)
     source = federation.sources[located.source]
     writer = MultipartWriter(offer.part_type)
     sizes = [framemap.frame_size(_pixel_location(located), n - 1) for n in numbers]
-    if sizes == [None] and "length" in meta:
+    if sizes == [None] and opened.length is not None:
         # One remote frame whose upstream said its length: a Content-Length, no chunked encoding
         # (uvicorn copies every chunk to frame it), and no streaming machinery (one frame).
-        length = meta["length"]
+        length = opened.length
         total = writer.total_length([(writer.part_header(length, offer.transfer_syntax), length)])
-        body = _frames_body(writer, offer, [length], lambda index: _chain(first, rest))
+        body = _frames_body(writer, offer, [length], lambda _: opened.aiter_bytes())
         return await sized_stream(body, request, writer.content_type, total)
 
     async def frame(index: int) -> AsyncIterator[bytes]:
         if index == 0:
-            yield first
-            async for chunk in rest:
-                yield chunk
+            yield opened.first
+            if opened.rest is not None:
+                async for chunk in opened.rest:
+                    yield chunk
         else:
-            async for chunk in source.aiter_frame(located, numbers[index] - 1):
+            later = await source.open_frame(located, numbers[index] - 1)
+            async for chunk in later.aiter_bytes():
                 yield chunk
 
     if None in sizes:  # a remote source: lengths are unknown; passing bytes on as they come keeps
@@ -379,12 +383,6 @@ async def retrieve_frames(
         return Response(b"".join(pieces), media_type=writer.content_type)
     body = _frames_body(writer, offer, sizes, frame)
     return await stream(body, request, writer.content_type, {"Content-Length": str(total)})
-
-
-async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for chunk in rest:
-        yield chunk
 
 
 async def _frames_body(

@@ -1,24 +1,12 @@
-"""The UIDs of a WADO-RS path as an SQL condition and as a 404 message."""
+"""The UIDs of a WADO-RS path as a 404 message."""
 
 from __future__ import annotations
 
 from gateway.errors import NotFound
 
-__all__ = ["where", "not_found"]
+__all__ = ["not_found"]
 
 _SHOWN = 64  # the longest UID (PS3.5 9.1); a longer path segment is cut in messages
-
-
-def where(scope: dict[str, str]) -> tuple[str, tuple[str, ...]]:
-    """SQL over instances ``i`` and series ``se`` selecting the instances under ``scope``."""
-    clauses, params = ["se.StudyInstanceUID = ?"], [scope["StudyInstanceUID"]]
-    if "SeriesInstanceUID" in scope:
-        clauses.append("i.SeriesInstanceUID = ?")
-        params.append(scope["SeriesInstanceUID"])
-    if "SOPInstanceUID" in scope:
-        clauses.append("i.SOPInstanceUID = ?")
-        params.append(scope["SOPInstanceUID"])
-    return " AND ".join(clauses), tuple(params)
 
 
 def not_found(scope: dict[str, str]) -> NotFound:

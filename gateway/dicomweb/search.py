@@ -9,7 +9,6 @@ result's first instance, in the order a retrieval sends them: it is never left o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import anyio.to_thread
@@ -19,22 +18,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.codec.attributes import COMPUTED, LEVEL_COLUMNS, vr_of
+from gateway.dicomweb.query import parse_qido, returned
 from gateway.dicomweb.scope import not_found
-from gateway.registry.database import Row
-from gateway.registry.qido import (
-    MAX_RESULTS,
-    Query,
-    compile_query,
-    count_named,
-    name_match,
-    names_first_below,
-    parse_qido,
-)
+from gateway.registry.qido import MAX_RESULTS
 from gateway.registry.record import person_name_json
-from gateway.registry.store import Registry
-from gateway.types import Restriction
+from gateway.registry.store import Registry, Row
+from gateway.types import Level, Query, Restriction
 
-__all__ = ["search", "plan_query", "DICOM_JSON"]
+__all__ = ["search", "DICOM_JSON"]
 
 DICOM_JSON = "application/dicom+json"
 _NUMBERS = {"IS": int, "US": int, "UL": int, "SS": int, "SL": int, "DS": float, "FL": float, "FD": float}
@@ -62,7 +53,7 @@ async def search(
 ) -> Response:
     """``restriction``: what the caller may see (the access policy's); the rest is left out.
     ``patients``: filled with the patient of every result (INS, else PatientID), for the audit."""
-    query = replace(parse_qido(request.query_params.multi_items(), level, scope), restriction=restriction)
+    query = parse_qido(request.query_params.multi_items(), level, scope, restriction)
     results, cut = await anyio.to_thread.run_sync(_run, registry, query, base_url, patients)
     headers = {}
     if cut:
@@ -77,39 +68,19 @@ async def search(
 def _run(
     registry: Registry, query: Query, base_url: str, patients: set[str] | None = None
 ) -> tuple[list[dict[str, Any]], bool]:
-    if query.scope:
-        _check_scope(registry, query.scope)
-    sql, params, limit = plan_query(registry, query)
-    rows = registry.query(sql, params)
-    cut = len(rows) > limit and (query.limit is None or query.limit > MAX_RESULTS)
-    rows = rows[:limit]
+    if query.scope and not registry.holds(query.scope):
+        raise not_found(query.scope)
+    rows, more = registry.search(query)
+    # Only a page the server cut is said to be (PS3.18 8.3.4.4), not one the client's limit ended.
+    cut = more and (query.limit is None or query.limit > MAX_RESULTS)
     if not rows:
         return [], cut
     if patients is not None:
         patients.update(row["INS"] or row["PatientID"] or "" for row in rows)
         patients.discard("")
-    returned = list(query.returned)
-    if query.include_all:
-        returned += [k for k in _level_attributes(query.level) if k not in returned]
-    render, stored = _renderer(query.level, rows[0].keys(), returned, base_url)
+    render, stored = _renderer(query.level, rows[0].keys(), list(returned(query)), base_url)
     documents = _first_instances(registry, query.level, rows) if stored else {}
     return [render(row, documents) for row in rows], cut
-
-
-def plan_query(registry: Registry, query: Query) -> tuple[str, list[Any], int]:
-    """The query's SQL (``compile_query``), with the one choice that needs the registry's own
-    figures: whether a study query by patient name finds the patients first (few match) or
-    walks the studies in date order (many do); see ``names_first_below``."""
-    match = name_match(query)
-    names_first = True
-    if match is not None:
-        rows = registry.estimated_rows(("patients", "studies"))
-        page = min(query.limit if query.limit is not None else MAX_RESULTS, MAX_RESULTS) + 1 + query.offset
-        below = names_first_below(rows["patients"], rows["studies"], page)
-        if below < rows["patients"]:
-            sql, params = count_named(match, below, registry.dialect)  # reads at most ``below``
-            names_first = registry.query(sql, params)[0][0] < below
-    return compile_query(query, registry.dialect, names_first)
 
 
 # How a result's element is made (see ``_renderer``): a text column (split on the value
@@ -139,8 +110,8 @@ def _renderer(
         if keyword not in _HELD or keyword not in position:
             # Not a column of this query (the index does not hold it, or it belongs to a lower
             # level): from the stored JSON, never left out. PS3.18 10.6.3.3: what includefield
-            # names and the matching keys are returned (a column forgotten in the SELECT once made
-            # ContentDate and ContentTime vanish without a word).
+            # names and the matching keys are returned (a column the query once failed to select
+            # made ContentDate and ContentTime vanish without a word).
             steps.append((_tag(keyword), key, vr, _STORED))
         else:
             kind = (
@@ -198,54 +169,11 @@ def _renderer(
     return render, any(step[3] == _STORED for step in plan)
 
 
-def _level_attributes(level: str) -> list[str]:
-    order = {"study": ("study",), "series": ("study", "series"), "instance": ("study", "series", "instance")}[
-        level
-    ]
-    out: list[str] = []
-    for name in order:
-        out += list(LEVEL_COLUMNS[name]) + list(COMPUTED[name])
-    return out
-
-
-def _check_scope(registry: Registry, scope: dict[str, str]) -> None:
-    study = scope.get("StudyInstanceUID")
-    series = scope.get("SeriesInstanceUID")
-    if series is not None:
-        if not registry.query(
-            "SELECT 1 FROM series WHERE SeriesInstanceUID=? AND StudyInstanceUID=?", (series, study)
-        ):
-            raise not_found(scope)
-    elif study is not None and not registry.query("SELECT 1 FROM studies WHERE StudyInstanceUID=?", (study,)):
-        raise not_found(scope)
-
-
-# The stored DICOM JSON of each result's first instance, in the order a retrieval sends them
-# (series number, then instance number): one statement per page rather than one per result, and the
-# same instance every time (an arbitrary one, LIMIT 1 of a join, gave answers that changed with the
-# plan). Each step is an index seek: a study's first series (series_study_order), that series'
-# first instance (instances_series_order).
-_FIRST_INSTANCE = {
-    "instance": "SELECT i.SOPInstanceUID, i.metadata FROM instances i WHERE i.SOPInstanceUID IN ({})",
-    "series": "SELECT se.SeriesInstanceUID, (SELECT z.metadata FROM instances z "
-    "WHERE z.SeriesInstanceUID = se.SeriesInstanceUID ORDER BY z.InstanceNumber, z.SOPInstanceUID LIMIT 1) "
-    "FROM series se WHERE se.SeriesInstanceUID IN ({})",
-    "study": "SELECT st.StudyInstanceUID, (SELECT z.metadata FROM instances z WHERE z.SeriesInstanceUID = "
-    "(SELECT x.SeriesInstanceUID FROM series x WHERE x.StudyInstanceUID = st.StudyInstanceUID "
-    "ORDER BY x.SeriesNumber, x.SeriesInstanceUID LIMIT 1) "
-    "ORDER BY z.InstanceNumber, z.SOPInstanceUID LIMIT 1) FROM studies st WHERE st.StudyInstanceUID IN ({})",
-}
 _KEY = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID"}
-_IN_LIST = 500  # UIDs in one IN (...): far below both databases' parameter limits
 
 
-def _first_instances(registry: Registry, level: str, rows: list[Row]) -> dict[str, Any]:
-    """The parsed DICOM JSON of each row's first instance, by the row's UID at ``level``."""
-    uids = list(dict.fromkeys(row[_KEY[level]] for row in rows))
-    out: dict[str, Any] = {}
-    for start in range(0, len(uids), _IN_LIST):
-        chunk = uids[start : start + _IN_LIST]
-        sql = _FIRST_INSTANCE[level].format(",".join("?" * len(chunk)))
-        for uid, metadata in registry.query(sql, chunk):
-            out[uid] = orjson.loads(metadata) if metadata is not None else {}
-    return out
+def _first_instances(registry: Registry, level: Level, rows: list[Row]) -> dict[str, Any]:
+    """The parsed DICOM JSON of each row's first instance (in the order a retrieval sends them,
+    the same instance every time), by the row's UID at ``level``."""
+    stored = registry.first_instances(level, [row[_KEY[level]] for row in rows])
+    return {uid: orjson.loads(metadata) for uid, metadata in stored.items()}

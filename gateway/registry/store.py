@@ -3,7 +3,8 @@ default) or PostgreSQL (several nodes on one database).
 
 Plain SQL with bound parameters, no ORM, written once for both (``database`` says what differs).
 The tables are ``schema``'s. Writes come from harvest, in batches inside one transaction (the SQL
-is ``writes``'); reads come from the HTTP layer.
+is ``writes``'); reads come from the HTTP layer and the access policy, which name what they want by
+UIDs (a retrieval's ``scope``) or by a ``Query`` (a search: ``search``) and never write SQL.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,22 @@ from pydicom.uid import UID
 
 from gateway import dburl
 from gateway.errors import RegistryError
+from gateway.registry import search as _search
 from gateway.registry import writes
 from gateway.registry.arbitration import arbitrate
 from gateway.registry.database import Database, Row, open_database
 from gateway.registry.record import InstanceRecord
 from gateway.registry.schema import CANONICAL, SCHEMA_VERSION, TABLES, schema
 from gateway.registry.writes import Harvested
-from gateway.types import InstanceFile, Location, PixelInfo
+from gateway.types import InstanceFile, Level, Location, PixelInfo, Query
 
 log = logging.getLogger("gateway.registry")
 
-__all__ = ["Registry", "FileState", "SourceStats", "Harvested"]
+__all__ = ["Registry", "FileState", "SourceStats", "Harvested", "Row", "Scope"]
+
+# The UIDs of a retrieval's path, by keyword: StudyInstanceUID, and optionally SeriesInstanceUID
+# and SOPInstanceUID under it.
+Scope = Mapping[str, str]
 
 _CACHE_CHECK = 0.5  # seconds a cached location may outlive a harvest that changed it
 _LOCATION_CACHE = 1024  # instances (~600 bytes each): memory must not grow with the archive
@@ -93,12 +99,19 @@ class Registry:
         return self.db.transaction()
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        """Rows of any SQL: for the registry's own modules, tests and tools; the layers above ask
+        by name (``search``, ``instance_files``, ...)."""
         return self.db.query(sql, params)
 
     def close(self) -> None:
         self.db.close()
 
     # -- harvest side -------------------------------------------------------------------------
+
+    def harvesting(self, source: str) -> Any:
+        """A context manager yielding True when this process may harvest ``source`` now: one
+        harvest per source at a time, whatever the number of nodes on the registry."""
+        return self.db.exclusive(f"harvest:{source}")
 
     def file_states(self, source: str) -> dict[str, FileState]:
         states = {
@@ -212,11 +225,28 @@ class Registry:
     def source_runs(self) -> list[SourceStats]:
         return [SourceStats(**dict(row)) for row in self.query("SELECT * FROM sources ORDER BY name")]
 
+    # -- searching (QIDO-RS: the SQL is ``search``'s and ``qido``'s) ---------------------------
+
+    def search(self, query: Query) -> tuple[list[Row], bool]:
+        """The rows of the page ``query`` asks for (at most ``qido.MAX_RESULTS``), with the
+        columns of its level and the levels above, and whether more rows matched past the page."""
+        return _search.search(self, query)
+
+    def holds(self, scope: Scope) -> bool:
+        """Whether the study (and series of that study) that ``scope`` names is indexed."""
+        return _search.holds(self, scope)
+
+    def first_instances(self, level: Level, uids: Sequence[str]) -> dict[str, bytes]:
+        """The stored DICOM JSON of each study's, series' or instance's first instance (in
+        retrieval order), by its UID; a UID without one is left out."""
+        return _search.first_instances(self, level, uids)
+
     # -- serving side -------------------------------------------------------------------------
 
-    def locations(self, where: str, params: tuple[Any, ...]) -> list[list[Location]]:
-        """Every location of the instances selected by ``where`` (over instances i, series se):
-        one list of alternatives per instance, in study order."""
+    def locations(self, scope: Scope) -> list[list[Location]]:
+        """Every location of the instances under ``scope``: one list of alternatives per
+        instance, in study order."""
+        where, params = _selected(scope)
         rows = self.query(
             _in_study_order("l.*, i.SeriesInstanceUID, i.SOPClassUID, se.StudyInstanceUID", where), params
         )
@@ -263,7 +293,7 @@ class Registry:
         location = cache.get(key)
         if location is None:
             found = self.locations(
-                "se.StudyInstanceUID = ? AND i.SeriesInstanceUID = ? AND i.SOPInstanceUID = ?", key
+                {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
             )
             if not found:
                 return []
@@ -274,9 +304,10 @@ class Registry:
             location = cache[key] = found[0]  # one instance: its list of alternatives
         return location
 
-    def instance_files(self, where: str, params: tuple[Any, ...]) -> list[list[InstanceFile]]:
-        """What a study or series retrieve needs of each instance, without frame maps:
-        ~150 bytes an instance, so a 4,000-instance study costs well under a megabyte."""
+    def instance_files(self, scope: Scope) -> list[list[InstanceFile]]:
+        """What a study or series retrieve needs of each instance under ``scope``, without frame
+        maps: ~150 bytes an instance, so a 4,000-instance study costs well under a megabyte."""
+        where, params = _selected(scope)
         rows = self.query(
             _in_study_order(
                 "l.source, l.path, l.size, l.TransferSyntaxUID, l.SOPInstanceUID, l.mode, i.SOPClassUID, "
@@ -300,7 +331,9 @@ class Registry:
         )
         return (True, rows[0][0] or None) if rows else (False, None)
 
-    def metadata(self, where: str, params: tuple[Any, ...]) -> list[bytes]:
+    def metadata(self, scope: Scope) -> list[bytes]:
+        """The stored DICOM JSON of each instance under ``scope``, in study order."""
+        where, params = _selected(scope)
         rows = self.query(_in_study_order("i.metadata", where, with_locations=False), params)
         return [row[0] for row in rows]
 
@@ -309,6 +342,22 @@ class Registry:
             table: self.query(f"SELECT COUNT(*) FROM {table}")[0][0]
             for table in ("patients", "studies", "series", "instances", "locations", "rejects")
         }
+
+
+_SCOPE_COLUMNS = (  # a scope's UIDs, over instances i and series se
+    ("StudyInstanceUID", "se.StudyInstanceUID"),
+    ("SeriesInstanceUID", "i.SeriesInstanceUID"),
+    ("SOPInstanceUID", "i.SOPInstanceUID"),
+)
+
+
+def _selected(scope: Scope) -> tuple[str, tuple[Any, ...]]:
+    """SQL over instances ``i`` and series ``se`` selecting the instances under ``scope``, with
+    its parameters."""
+    if "StudyInstanceUID" not in scope or not scope.keys() <= {k for k, _ in _SCOPE_COLUMNS}:
+        raise ValueError(f"a scope names a study, and a series and an instance in it: {sorted(scope)}")
+    selected = [(column, scope[keyword]) for keyword, column in _SCOPE_COLUMNS if keyword in scope]
+    return " AND ".join(f"{column} = ?" for column, _ in selected), tuple(uid for _, uid in selected)
 
 
 def _in_study_order(columns: str, where: str, with_locations: bool = True) -> str:

@@ -22,7 +22,7 @@ import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -35,6 +35,7 @@ from gateway.codec.multipart import Data, Headers, MultipartReader, PartEnd, bou
 from gateway.config import SourceConfig
 from gateway.errors import GatewayError, NotFound, SourceError, SourceTimeout, SourceUnavailable
 from gateway.stream.origin import OffOrigin, Origin, quoted
+from gateway.stream.source import BatchRetrieval, Frame
 from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
 __all__ = ["DicomwebSource"]
@@ -54,6 +55,8 @@ _UID_LENGTH = 128
 
 class DicomwebSource:
     kind = "dicomweb"
+    batch: BatchRetrieval | None = None  # one WADO-RS request per instance
+    learns_on_retrieve = False  # a series' /metadata gives each instance's whole header
 
     def __init__(self, config: SourceConfig) -> None:
         assert config.url is not None
@@ -272,14 +275,19 @@ class DicomwebSource:
 
     async def aiter_instance(self, location: InstanceFile) -> AsyncIterator[bytes]:
         async for chunk in self._first_part(self.origin.url(location.path), location.path, _ANY_INSTANCE):
-            yield chunk
+            if type(chunk) is bytes:
+                yield chunk
 
-    async def aiter_frame(
-        self, location: Location, index: int, meta: dict[str, int] | None = None
-    ) -> AsyncIterator[bytes]:
+    async def open_frame(self, location: Location, index: int) -> Frame:
         path = f"{location.path}/frames/{index + 1}"
-        async for chunk in self._first_part(self.origin.url(path), path, _ANY_FRAME, meta):
-            yield chunk
+        part = self._first_part(self.origin.url(path), path, _ANY_FRAME)
+        first = await anext(part, b"")
+        length = None
+        if type(first) is int:  # the part's Content-Length, announced before its first byte
+            length, first = first, await anext(part, b"")
+        assert type(first) is bytes
+        # After the length, only bytes come (``_first_part``).
+        return Frame(first, cast(AsyncIterator[bytes], part), length)
 
     async def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:
         uri = (location.frames or {}).get("bulk", {}).get(tag_path)
@@ -289,14 +297,13 @@ class DicomwebSource:
         # URIs that leave the origin, and what the policy allows is the configuration's of today.
         url = self.origin.check(uri, f"BulkDataURI of {tag_path} (instance {location.SOPInstanceUID})")
         async for chunk in self._first_part(url, urlsplit(url).path, _ANY_FRAME):
-            yield chunk
+            if type(chunk) is bytes:
+                yield chunk
 
-    async def _first_part(
-        self, url: str, path: str, accept: str, meta: dict[str, int] | None = None
-    ) -> AsyncIterator[bytes]:
+    async def _first_part(self, url: str, path: str, accept: str) -> AsyncIterator[bytes | int]:
         """The body of the first part of an upstream multipart response at ``url`` (checked by the
-        origin policy; ``path`` names it in messages), chunk by chunk; the part's Content-Length,
-        when the upstream gives one, in ``meta["length"]``, checked."""
+        origin policy; ``path`` names it in messages), chunk by chunk, preceded by the part's
+        Content-Length (an int, checked against what comes) when the upstream gives one."""
         expected, received = None, 0
         deadline = time.monotonic() + self.deadlines.total
         try:
@@ -310,6 +317,7 @@ class DicomwebSource:
                     raise self._status_error(response.status, path, response.headers.get("Location"))
                 reader = MultipartReader(boundary_of(response.headers.get("Content-Type", "")))
                 chunks = response.content.iter_any()
+                headed = False
                 async for chunk in chunks:
                     if time.monotonic() > deadline:
                         raise self._late(path)
@@ -317,10 +325,11 @@ class DicomwebSource:
                         if isinstance(event, Data):
                             received += len(event.data)
                             yield event.data
-                        elif isinstance(event, Headers) and expected is None:
+                        elif isinstance(event, Headers) and not headed:
+                            headed = True
                             expected = _part_length(event.headers, path, self.name)
-                            if meta is not None and expected is not None:
-                                meta["length"] = expected
+                            if expected is not None:
+                                yield expected
                         elif isinstance(event, PartEnd):
                             if expected is not None and received != expected:
                                 raise SourceError(

@@ -23,7 +23,8 @@ What is in the folder is not trusted after indexing, nor while listing it:
   indexed and the frame's byte ranges must lie within that size; after the bytes are read, the
   descriptor is checked again. A file that changed is refused with a ``SourceError`` (502) naming
   the source, so the federation tries the instance's next location; the next harvest re-indexes it
-  (its size or time differ), and ``changed`` lets the service schedule that harvest now.
+  (its size or time differ), and ``changed``, given to the constructor, tells the service, which
+  may schedule that harvest now.
 
 What this guarantees: the bytes served were read from one descriptor, of a regular file reached
 from the folder without leaving it, whose size and modification time were those indexed before and
@@ -50,7 +51,7 @@ from gateway.codec import framemap
 from gateway.codec.dicomfile import bulk_value, read_header, to_little_endian
 from gateway.errors import DicomFileError, NotFound, SourceError
 from gateway.redact import escape
-from gateway.stream.source import CHUNK
+from gateway.stream.source import CHUNK, BatchRetrieval, Frame
 from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
 __all__ = ["FolderSource", "MAX_DEPTH"]
@@ -101,12 +102,15 @@ def _when(ns: int) -> str:
 class FolderSource:
     kind = "filesystem"
 
-    def __init__(self, name: str, root: Path) -> None:
+    batch: BatchRetrieval | None = None  # one file per instance: nothing to gain from batches
+    learns_on_retrieve = False  # harvest reads every header whole
+
+    def __init__(self, name: str, root: Path, changed: Callable[[str], None] | None = None) -> None:
         self.name = name
         self.root = Path(root)
         # Called with a file's path when serving finds it changed since it was indexed, from a
         # reader thread: the service may harvest this source sooner than its interval.
-        self.changed: Callable[[str], None] | None = None
+        self.changed = changed
         self._real: str | None = None  # the folder's real path, for the one-open fast path
         self._executor: ThreadPoolExecutor | None = None  # made on first read; never pickled
 
@@ -385,12 +389,10 @@ class FolderSource:
             raise SourceError(f"source {self.name}: {escape(location.path)} shrank while being sent")
         return data
 
-    async def aiter_frame(
-        self, location: Location, index: int, meta: dict[str, int] | None = None
-    ) -> AsyncIterator[bytes]:  # lengths are in the frame map: nothing to report
+    async def open_frame(self, location: Location, index: int) -> Frame:
         if location.mode == "decode":
-            yield await self._run(self._decoded_frame, location, index)
-            return
+            data = await self._run(self._decoded_frame, location, index)
+            return Frame(data, None, len(data))
         assert location.frames is not None
         fragments = framemap.frame_fragments(location.frames, index)
         if not framemap.within(fragments, location.size):
@@ -398,10 +400,16 @@ class FolderSource:
                 f"source {self.name}: frame {index + 1} of instance {location.SOPInstanceUID} lies "
                 f"outside its file as indexed ({location.size} bytes): not served"
             )
-        if sum(length for _, length in fragments) <= CHUNK:
+        length = sum(length for _, length in fragments)
+        if length <= CHUNK:
             # The common case (one CT or MR frame): one worker-thread hop for open, read, close.
-            yield await self._run(self._read_small, location, fragments)
-            return
+            return Frame(await self._run(self._read_small, location, fragments), None, length)
+        chunks = self._aiter_fragments(location, fragments)
+        return Frame(await anext(chunks), chunks, length)
+
+    async def _aiter_fragments(
+        self, location: Location, fragments: tuple[tuple[int, int], ...]
+    ) -> AsyncIterator[bytes]:
         fd = await self._run(self._open, location)
         try:
             for offset, length in fragments:

@@ -1,28 +1,75 @@
-"""The one contract every source kind implements (folder now; DIMSE and DICOMweb PACS later).
+"""The one contract every source kind implements: a folder, a DIMSE PACS, a DICOMweb PACS, and
+``memory.MemorySource``, the in-package fake that tests and benchmarks use (httpx's transports and
+its ``MockTransport`` are the model).
 
-Harvest asks a source what it holds (``scan``) and for each new or changed entry its header
+Harvest asks a source what it holds (``scan``) and, for each new or changed entry, its header
 (``read_header``); the registry stores the result. Serving asks for bytes by location:
-``aiter_instance`` streams a whole Part 10 file, ``aiter_frame`` one frame, both as chunks of at most
-``CHUNK`` bytes, so memory does not depend on the size of what is sent.
+
+* ``aiter_instance`` streams a whole Part 10 file and ``aiter_bulk`` the value of one binary
+  element, as chunks of at most ``CHUNK`` bytes, so memory does not depend on what is sent;
+* ``open_frame`` does what must happen before a frame's first byte (a file read, an upstream's
+  headers received, an instance retrieved) and returns a ``Frame``: that first chunk, the rest, and
+  the frame's length when the source knows it by then (the response can carry a Content-Length).
+
+A source fails before its first byte, or not at all: up to then the federation
+(``federation.Federation``) may still try the instance's next location; after it, an error aborts
+the response.
+
+What only some sources do is declared, never guessed from the class:
+
+* ``batch``: a ``BatchRetrieval`` when the source sends many instances of one series in one
+  retrieval (a DIMSE C-GET of a UID list, PS3.4 C.4.3.2.1), else None.
+* ``learns_on_retrieve``: True when what harvest indexes of an instance is partial (a C-FIND
+  response identifier holds the keys asked for and little else, PS3.4 C.4.1.1.3.2) and its full
+  header is learnt when the instance is first retrieved. Metadata retrieves such instances first.
+
+What a source calls back into the service (``learn`` for a DIMSE PACS, ``changed`` for a folder) is
+given to its constructor; nothing is assigned to a source from outside.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pydicom.dataset import Dataset
 
 from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
-__all__ = ["Source", "CHUNK"]
+__all__ = ["Source", "BatchRetrieval", "Frame", "CHUNK"]
 
 CHUNK = 1024 * 1024
+
+
+class Frame(NamedTuple):
+    """One frame whose first chunk is in hand: what ``Source.open_frame`` returns."""
+
+    first: bytes
+    rest: AsyncIterator[bytes] | None  # the chunks after ``first``; None when ``first`` is all of it
+    length: int | None  # bytes in the whole frame, when known before its first byte
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """Every chunk of the frame, ``first`` included."""
+        yield self.first
+        if self.rest is not None:
+            async for chunk in self.rest:
+                yield chunk
+
+
+class BatchRetrieval(Protocol):
+    """A source's way of sending many instances at once (``Source.batch``)."""
+
+    def aiter_instances(self, locations: list[InstanceFile]) -> AsyncIterator[bytes]:
+        """The Part 10 bytes of each instance at ``locations`` (one series of this source), in the
+        order the source sends them; fewer than asked when the source does not send them all."""
+        ...
 
 
 class Source(Protocol):
     name: str
     kind: str
+    batch: BatchRetrieval | None
+    learns_on_retrieve: bool
 
     def scan(self, since: str | None = None) -> Iterator[Entry]:
         """What the source holds now (blocking; harvest runs it in a worker thread): everything,
@@ -37,12 +84,8 @@ class Source(Protocol):
         """The stored Part 10 bytes of one instance."""
         ...
 
-    def aiter_frame(
-        self, location: Location, index: int, meta: dict[str, int] | None = None
-    ) -> AsyncIterator[bytes]:
-        """The bytes of frame ``index`` (0-based), little endian, as stored otherwise. A remote
-        source that learns the frame's length before its first byte puts it in ``meta["length"]``
-        (the response can then carry a Content-Length)."""
+    async def open_frame(self, location: Location, index: int) -> Frame:
+        """Frame ``index`` (0-based), little endian, as stored otherwise, its first chunk read."""
         ...
 
     def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:

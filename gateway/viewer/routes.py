@@ -29,11 +29,12 @@ from starlette.responses import FileResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from gateway import urls
 from gateway.redact import escape
 
 __all__ = ["VIEWER_PREFIX", "CONTENT_SECURITY_POLICY", "app_config_js", "viewer_routes"]
 
-VIEWER_PREFIX = "/viewer"
+VIEWER_PREFIX = urls.VIEWER
 
 # What OHIF 3.12 needs, checked in Chromium (tests/viewer; CT, US, CR in native, JPEG, JPEG-LS,
 # JPEG 2000 and RLE): the inline scripts of index.html; 'unsafe-eval' for ndarray's generated
@@ -97,7 +98,7 @@ def _rewrites(prefix: str) -> list[tuple[tuple[str, ...], re.Pattern[bytes], byt
     ]
 
 
-def app_config_js(prefix: str = VIEWER_PREFIX, dicomweb_prefix: str = "/dicom-web") -> str:
+def app_config_js(prefix: str = VIEWER_PREFIX, dicomweb_prefix: str = urls.DICOMWEB) -> str:
     """OHIF's ``window.config``: one DICOMweb data source at the page's origin + ``dicomweb_prefix``.
 
     The origin is the browser's (``window.location.origin``), not one the server guesses from
@@ -252,7 +253,7 @@ _MAX_QUERY = 8192  # a redirect repeats the query: OHIF's are a few UIDs long
 def viewer_routes(
     viewer_dir: Path,
     prefix: str = VIEWER_PREFIX,
-    dicomweb_prefix: str = "/dicom-web",
+    dicomweb_prefix: str = urls.DICOMWEB,
     csp: bool = True,
 ) -> list[BaseRoute]:
     """Routes serving the viewer installed at ``viewer_dir`` (by ``gateway viewer install``)

@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from fixtures.generate import make_ct_study
-from gateway.access.service import Access
+from gateway.access.control import Access
+from gateway.app import create_app
 from gateway.config import load_config
-from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
 from tests.backends import Databases
 from tests.conftest import Client

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from gateway.access.audit_record import ACTIONS, OUTCOMES, AuditRecord
 from gateway.access.export import audit_bundle, dicom_audit_message, fhir_audit_event
-from gateway.access.record import ACTIONS, OUTCOMES, AuditRecord
 
 SOURCE_ID = "gateway-test"
 STUDY = "1.2.826.0.1.3680043.8.498.12345"

@@ -18,9 +18,9 @@ import gateway.codec.dicomfile as dicomfile
 from gateway.codec import framemap
 from gateway.codec.dicomfile import read_header
 from gateway.errors import DicomFileError
+from tests.codec.test_hostile_files import with_syntax
 from tests.conftest import FIXTURES
 from tests.helpers import BLOB, TRAILER_SOURCES
-from tests.codec.test_hostile_files import with_syntax
 
 EXPLICIT = FIXTURES / TRAILER_SOURCES["explicit-le"]
 DEFLATED = FIXTURES / TRAILER_SOURCES["deflated"]

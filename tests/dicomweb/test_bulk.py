@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from fixtures.generate import make_ct_study
-from gateway.dicomweb.app import create_app
+from gateway.app import create_app
 from gateway.service import Gateway
 from tests.conftest import Client, make_config
 from tests.helpers import ANY_FRAME, instance_url, parts

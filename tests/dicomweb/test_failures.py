@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from fixtures.generate import make_ct_study
-from gateway.dicomweb.app import create_app
+from gateway.app import create_app
 from gateway.service import Gateway
 from tests.conftest import Client, make_config
 from tests.helpers import ANY_FRAME, ANY_INSTANCE, instance_url

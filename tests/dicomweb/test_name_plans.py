@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from gateway.dicomweb.search import plan_query
-from gateway.registry.qido import compile_query, names_first_below, parse_qido
+from gateway.dicomweb.query import parse_qido
+from gateway.registry.qido import compile_query, names_first_below
 from gateway.registry.record import record_from_json
+from gateway.registry.search import plan_query
 from gateway.registry.store import Harvested, Registry
 from tests.backends import Databases
 

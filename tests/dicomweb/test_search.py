@@ -8,10 +8,11 @@ from typing import Any, NamedTuple
 import pytest
 from pydicom.datadict import tag_for_keyword
 
+from gateway.app import create_app
 from gateway.codec.attributes import COMPUTED, LEVEL_COLUMNS, MATCHING, vr_of
 from gateway.config import AuthConfig, Config, ServerConfig
-from gateway.dicomweb.app import create_app
-from gateway.registry.qido import compile_query, parse_qido
+from gateway.dicomweb.query import parse_qido
+from gateway.registry.qido import compile_query
 from gateway.registry.record import record_from_json
 from gateway.registry.store import Harvested, Registry
 from gateway.service import Gateway

@@ -147,7 +147,8 @@ def test_cached_locations_follow_a_harvest_that_moved_the_file(folder, registry,
 
 
 def _fuzzy(registry: Registry, word: str) -> set[str]:
-    from gateway.registry.qido import compile_query, parse_qido
+    from gateway.dicomweb.query import parse_qido
+    from gateway.registry.qido import compile_query
 
     query = parse_qido([("PatientName", word), ("fuzzymatching", "true")], "study")
     sql, params, _ = compile_query(query, registry.dialect)
@@ -177,7 +178,8 @@ def test_a_renamed_patient_is_found_by_the_new_name_words_only(tmp_path, registr
 
 def _study_counts(registry: Registry, study: str) -> tuple[list[str], int, int, dict[str, int]]:
     """ModalitiesInStudy, NumberOfStudyRelatedSeries / Instances, and each series' instances."""
-    from gateway.registry.qido import compile_query, parse_qido
+    from gateway.dicomweb.query import parse_qido
+    from gateway.registry.qido import compile_query
 
     sql, params, _ = compile_query(parse_qido([("StudyInstanceUID", study)], "study"), registry.dialect)
     (row,) = registry.query(sql, params)

@@ -11,8 +11,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from fixtures.generate import make_ct_study
+from gateway.app import create_app
 from gateway.config import AuthConfig, Config, ServerConfig, SourceConfig
-from gateway.dicomweb.app import create_app
 from gateway.registry.store import Registry
 from gateway.service import Gateway
 from tests.conftest import FIXTURES, Client, fixture_files

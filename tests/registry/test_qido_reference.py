@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import pytest
 
+from gateway.app import create_app
 from gateway.config import AuthConfig, Config, ServerConfig
-from gateway.dicomweb.app import create_app
 from gateway.registry.store import Registry
 from gateway.service import Gateway
 from tests.backends import Databases

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from bench.synthetic import generate
-from gateway.dicomweb.search import _FIRST_INSTANCE
-from gateway.registry.qido import compile_query, parse_qido
+from gateway.dicomweb.query import parse_qido
+from gateway.registry.qido import compile_query
+from gateway.registry.search import _FIRST_INSTANCE
 from gateway.registry.store import Registry
 
 

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import anyio
 import pytest
 
-from gateway.access.record import AuditRecord
+from gateway.access.audit_record import AuditRecord
 from tests.security.conftest import ALICE, BOB, PSC, Site
 from tests.security.routes import Route, Target, of_kind, route_id
 from tests.security.test_routes import call, doctor, link_cookie, patient, targets

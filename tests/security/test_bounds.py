@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.dicomweb.search import plan_query
-from gateway.registry.qido import parse_qido
+from gateway.dicomweb.query import parse_qido
+from gateway.registry.search import plan_query
 from gateway.types import Restriction
 from tests.helpers import ANY_FRAME, instance_url, parts
 

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from bench.fuzz import SLOW, Generator, Report, RouteSpec, route_specs, run_cases, still_serves, write_site
-from gateway.access.service import Access
+from gateway.access.control import Access
+from gateway.app import create_app
 from gateway.config import load_config
-from gateway.dicomweb.app import create_app
 from gateway.service import Gateway
 from tests.backends import Databases
 

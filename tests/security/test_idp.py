@@ -29,10 +29,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.access import identity
+from gateway.access.control import Access
 from gateway.access.identity import Authenticator, Principal
-from gateway.access.service import Access
+from gateway.app import create_app
 from gateway.config import AuthConfig, Issuer, load_config
-from gateway.dicomweb.app import create_app
 from gateway.errors import Unauthenticated
 from gateway.service import Gateway
 

@@ -22,8 +22,8 @@ import httpx
 import orjson
 import pytest
 
+from gateway.app import create_app
 from gateway.config import AuthConfig, Config, Deadlines, ServerConfig, SourceConfig
-from gateway.dicomweb.app import create_app
 from gateway.errors import SourceError, SourceTimeout
 from gateway.service import Gateway
 from gateway.stream import dicomweb_pacs as dicomweb

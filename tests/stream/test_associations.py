@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Deadlines, SourceConfig
-from gateway.stream import associations
-from gateway.stream.associations import QUERIES, AssociationPool
+from gateway.stream.dimse import associations
+from gateway.stream.dimse.associations import QUERIES, AssociationPool
 from peers.dcmtk import Dcmqrscp, dcmtk_missing, running_dcmqrscp
 from tests.conftest import fixture_files
 

@@ -1,8 +1,8 @@
 """The DIMSE source's cache of received instances: bounded, and exact under repeated inserts."""
 
 from gateway.config import SourceConfig
-from gateway.stream import dimse
-from gateway.stream.dimse import DimseSource
+from gateway.stream.dimse import source as dimse
+from gateway.stream.dimse.source import DimseSource
 
 
 def source() -> DimseSource:

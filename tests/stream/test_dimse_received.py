@@ -26,15 +26,16 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode
 
+from gateway.app import create_app
 from gateway.config import AuthConfig, Config, ConfigError, Deadlines, ServerConfig, SourceConfig, load_config
-from gateway.dicomweb.app import create_app
 from gateway.errors import SourceUnavailable
 from gateway.service import Gateway
-from gateway.stream import dimse, pduguard
-from gateway.stream.associations import STUDY_FIND, STUDY_GET, SYNTAXES, VERIFICATION
-from gateway.stream.dimse import DimseSource
-from gateway.stream.pduguard import PduGuard, affected_instance
-from gateway.stream.storescp import MoveListener, listen_host
+from gateway.stream.dimse import pduguard
+from gateway.stream.dimse import retrieve as dimse_retrieve
+from gateway.stream.dimse.associations import STUDY_FIND, STUDY_GET, SYNTAXES, VERIFICATION
+from gateway.stream.dimse.pduguard import PduGuard, affected_instance
+from gateway.stream.dimse.source import DimseSource
+from gateway.stream.dimse.storescp import MoveListener, listen_host
 from peers.dcmtk import dcmtk_missing, running_dcmqrscp
 from peers.gateway import dimse_source, running_gateway
 from peers.process import free_port
@@ -159,12 +160,12 @@ MISMATCHES = [
 
 @pytest.mark.parametrize("asked, own, command", [c[1:] for c in MISMATCHES], ids=[c[0] for c in MISMATCHES])
 def test_an_instance_is_kept_only_when_its_own_uids_are_the_ones_asked_for(asked, own, command):
-    retrieval = dimse._Retrieval(asked, lambda item: None)
-    problem = dimse._mismatch(retrieval, command, own)
+    retrieval = dimse_retrieve._Retrieval(asked, lambda item: None)
+    problem = dimse_retrieve._mismatch(retrieval, command, own)
     assert problem is not None and f"asked for instance {A[2]} of study {A[0]}, series {A[1]}" in problem
     assert own[2] in problem
-    assert dimse._mismatch(retrieval, A[2], A) is None
-    assert dimse._mismatch(None, A[2], A) is not None  # no retrieval under way asked for it
+    assert dimse_retrieve._mismatch(retrieval, A[2], A) is None
+    assert dimse_retrieve._mismatch(None, A[2], A) is not None  # no retrieval under way asked for it
 
 
 # -- where the C-MOVE destination listens, and whom it accepts ------------------------------------

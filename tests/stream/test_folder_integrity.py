@@ -18,11 +18,11 @@ import pytest
 
 import gateway.registry.store as store
 from fixtures.generate import make_ct_study
-from gateway.dicomweb.app import create_app
+from gateway.app import create_app
 from gateway.errors import SourceError
 from gateway.service import Gateway
 from gateway.stream.folder import MAX_DEPTH, FolderSource
-from gateway.types import Location
+from gateway.types import InstanceFile, Location
 from tests.conftest import FIXTURES, Client, make_config
 from tests.helpers import (
     ANY_FRAME,
@@ -224,14 +224,25 @@ def test_a_file_swapped_for_a_fifo_is_refused_without_waiting(served, folder):
     assert "a FIFO, not a regular file" in response.text
 
 
-def test_a_change_found_while_serving_is_reported_to_the_changed_hook(served, folder):
+def test_a_change_found_while_serving_is_reported_to_the_changed_hook(folder):
     path, ds = first(folder)
+    st = path.stat()
+    location = InstanceFile(
+        NAME, path.name, st.st_size, str(ds.file_meta.TransferSyntaxUID), str(ds.SOPInstanceUID), "direct",
+        mtime_ns=st.st_mtime_ns,
+    )  # fmt: skip
     seen: list[str] = []
-    source = served.gateway.sources[NAME]
-    assert isinstance(source, FolderSource)
-    source.changed = seen.append
+    source = FolderSource(NAME, folder, changed=seen.append)
     path.write_bytes(path.read_bytes() + b"\x00" * 10)
-    assert served.instance(ds).status_code == 502
+
+    async def read() -> list[bytes]:
+        try:
+            return [chunk async for chunk in source.aiter_instance(location)]
+        finally:
+            await source.aclose()
+
+    with pytest.raises(SourceError, match="changed since it was indexed"):
+        anyio.run(read)
     assert seen == [path.name]
 
 
@@ -244,8 +255,8 @@ def test_a_frame_map_outside_its_file_reads_nothing(folder):
         mtime_ns=path.stat().st_mtime_ns,
     )  # fmt: skip
 
-    async def read() -> list[bytes]:
-        return [chunk async for chunk in FolderSource(NAME, folder).aiter_frame(location, 0)]
+    async def read() -> bytes:
+        return (await FolderSource(NAME, folder).open_frame(location, 0)).first
 
     with pytest.raises(SourceError, match="outside its file"):
         anyio.run(read)

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from gateway.dicomweb.app import create_app
+from gateway.app import create_app
 from gateway.service import Gateway
 from tests.conftest import Client, make_config
 from tests.helpers import ANY_FRAME, expected_frames, parts

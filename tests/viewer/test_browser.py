@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from gateway.access.service import SESSION_COOKIE
+from gateway.access.control import SESSION_COOKIE
 from peers.gateway import folder_source, running_gateway
 from tests.viewer.conftest import open_viewer_and_check
 from tests.viewer.test_viewer import PAGE, get

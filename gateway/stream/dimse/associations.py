@@ -34,7 +34,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 
 from gateway.config import SourceConfig
 from gateway.errors import SourceTimeout, SourceUnavailable
-from gateway.stream.pduguard import guard_association
+from gateway.stream.dimse.pduguard import guard_association
 
 __all__ = [
     "AssociationPool",

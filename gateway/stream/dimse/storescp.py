@@ -17,8 +17,8 @@ from pynetdicom import AE, evt
 from gateway.config import SourceConfig
 from gateway.errors import SourceUnavailable
 from gateway.redact import escape
-from gateway.stream.associations import STORAGE, SYNTAXES
-from gateway.stream.pduguard import guard_association, peer_name
+from gateway.stream.dimse.associations import STORAGE, SYNTAXES
+from gateway.stream.dimse.pduguard import guard_association, peer_name
 
 __all__ = ["MoveListener", "listen_host", "pacs_addresses"]
 
