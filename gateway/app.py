@@ -19,11 +19,13 @@ from starlette.routing import Mount, Route
 
 from gateway import urls
 from gateway.access.control import Access
-from gateway.api import audit, emergency, grants, hidden, iid, links
+from gateway.api import audit, changes, emergency, fhir, grants, hidden, iid, links, priors, subscriptions
 from gateway.api.error_handlers import EXCEPTION_HANDLERS
 from gateway.api.middleware import AccessMiddleware
 from gateway.dicomweb import endpoints
 from gateway.dicomweb.endpoints import DicomwebState, FramesFastPath
+from gateway.notify.dispatch import Dispatcher
+from gateway.notify.store import SubscriptionStore
 from gateway.service import Gateway
 from gateway.viewer.routes import viewer_routes
 
@@ -42,6 +44,10 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
             *hidden.ROUTES,
             *emergency.ROUTES,
             *audit.ROUTES,
+            *changes.ROUTES,
+            *subscriptions.ROUTES,
+            *fhir.ROUTES,
+            *priors.ROUTES,
             *iid.ROUTES,
             *viewer_routes(gateway.config.data_dir / "viewer"),
         ],
@@ -51,6 +57,15 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
     state = DicomwebState(gateway.registry, gateway.federation, access.policy)
     app.state.dicomweb = state
     app.state.access = access
+    app.state.notify = Dispatcher(
+        SubscriptionStore(access.store.db),
+        access.policy,
+        gateway.registry.changes,
+        gateway.config.notify,
+        gateway.config.server.base_url,
+        access.audit.append,
+        last=gateway.registry.last_change,
+    )
     wrapped = AccessMiddleware(FramesFastPath(app, state), access)
     wrapped.starlette = app  # the route table, for tests that must cover every route
     return wrapped
@@ -64,6 +79,8 @@ async def _lifespan(app: Starlette, gateway: Gateway, access: Access, harvest: b
         if harvest:
             for source_config in gateway.config.sources:
                 group.start_soon(gateway.harvest_forever, source_config)
+            group.start_soon(gateway.announce_forever)  # the change feed's study announcements
+            group.start_soon(app.state.notify.run)  # subscriptions: the outbox delivered
         group.start_soon(access.audit.run)
         yield
         group.cancel_scope.cancel()

@@ -15,6 +15,9 @@ File layout::
     path = "/mnt/pacs"
     interval = 300                       # seconds between harvests while serving
 
+    [changes]
+    quiet_seconds = 1.0                  # a study is announced once no instance came for this long
+
 Environment overrides (they win over the file): GATEWAY_HOST, GATEWAY_PORT, GATEWAY_REGISTRY_URL,
 GATEWAY_DATA_DIR (where the embedded default keeps its SQLite file).
 
@@ -41,6 +44,8 @@ __all__ = [
     "Deadlines",
     "AuthConfig",
     "Issuer",
+    "NotifyConfig",
+    "notify_origin",
     "load_config",
     "default_config",
     "is_loopback",
@@ -51,7 +56,7 @@ _DEFAULT_INTERVAL = 300.0
 _COMMON_KEYS = {"name", "kind", "interval", "priority"}
 _DEADLINE_KEYS = {"connect_timeout", "timeout", "total_timeout"}
 _KEYS = {
-    "filesystem": _COMMON_KEYS | {"path"},
+    "filesystem": _COMMON_KEYS | {"path", "watch"},
     "dicomweb": _COMMON_KEYS | _DEADLINE_KEYS | {"url", "headers", "max_answer_bytes"},
     "dimse": _COMMON_KEYS
     | _DEADLINE_KEYS
@@ -119,6 +124,9 @@ class SourceConfig:
     # process hold. Whole-slide images or long cine runs need more.
     max_instance_bytes: int = 1024 * 1024 * 1024
     interval: float = _DEFAULT_INTERVAL
+    # filesystem: harvest what the kernel says changed at once, the interval's full scan kept as
+    # the safety net (false: the interval alone, e.g. a network mount written by other hosts)
+    watch: bool = True
     priority: int = 0  # lower is tried first when an instance has several locations
     deadlines: Deadlines = field(default_factory=Deadlines)
 
@@ -153,6 +161,19 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """Subscriptions (``gateway.notify``): where notifications may go, and how hard to try.
+    Endpoints are addresses a client chose: only the origins listed here are delivered to."""
+
+    # "https://ehr.example:443", "mllp://ris.example:2575": scheme, host and port, exactly.
+    allowed_origins: tuple[str, ...] = ()
+    deadline: float = 5.0  # seconds for one delivery attempt (connect, send, acknowledgement)
+    max_backoff: float = 300.0  # seconds between retries at most (doubling from ``first_retry``)
+    first_retry: float = 1.0  # seconds before the first retry of a failed delivery
+    interval: float = 1.0  # seconds between the worker's passes over the feed and the outbox
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     registry_url: str
@@ -163,6 +184,9 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     access_url: str = ""  # grants, links, audit: never rebuilt (see access_database)
     data_dir_override: Path | None = None  # [registry] data_dir
+    # [changes] quiet_seconds: a study is announced once no instance of it arrived for this long
+    changes_quiet: float = 1.0
+    notify: NotifyConfig = field(default_factory=NotifyConfig)  # [notify]: subscriptions
 
     @property
     def registry_path(self) -> Path | str:
@@ -228,7 +252,7 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
 
 
 def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) -> Config:
-    known = {"server", "registry", "sources", "auth", "access"}
+    known = {"changes", "server", "registry", "sources", "auth", "access", "notify"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (expected one of {', '.join(sorted(known))})")
@@ -292,6 +316,10 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
         raise ConfigError(f"access.url: {problem}")
     access_url = dburl.anchored(access_url, base)
     auth = _auth(_table(raw, "auth"), base)
+    changes_raw = _table(raw, "changes")
+    _only(changes_raw, "changes", {"quiet_seconds"})
+    changes_quiet = _seconds(changes_raw, "changes.quiet_seconds", 1.0)
+    notify = _notify(_table(raw, "notify"))
     notes: tuple[str, ...] = ()
     if auth.open and not is_loopback(host):
         notes = (f"auth.open on {host}: anyone who can reach this address sees every study",)
@@ -304,6 +332,8 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
         access_url=access_url,
         notes=notes,
         data_dir_override=data_dir,
+        changes_quiet=changes_quiet,
+        notify=notify,
     )
 
 
@@ -395,6 +425,45 @@ def _issuer(item: Any, where: str, base: Path) -> Issuer:
     )
 
 
+def notify_origin(url: str) -> str | None:
+    """The origin a notification endpoint is delivered to, as ``allowed_origins`` names it
+    (``scheme://host:port``, the port always given), or None when ``url`` is not an http(s) or
+    mllp address without credentials."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    if parts.scheme not in ("http", "https", "mllp") or not parts.hostname or "@" in parts.netloc:
+        return None
+    port = port or default
+    if port is None:  # mllp has no default port
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host.lower()}:{port}"
+
+
+def _notify(table: dict[str, Any]) -> NotifyConfig:
+    _only(table, "notify", {"allowed_origins", "deadline", "max_backoff", "first_retry", "interval"})
+    origins = _typed(table, "notify.allowed_origins", list, [])
+    allowed = []
+    for origin in origins:
+        found = notify_origin(origin) if isinstance(origin, str) else None
+        if found is None or urlsplit(origin).path.strip("/"):
+            raise ConfigError(
+                f"notify.allowed_origins: {origin!r} is not an origin (https://host:port or mllp://host:port)"
+            )
+        allowed.append(found)
+    return NotifyConfig(
+        allowed_origins=tuple(allowed),
+        deadline=_seconds(table, "notify.deadline", NotifyConfig.deadline),
+        max_backoff=_seconds(table, "notify.max_backoff", NotifyConfig.max_backoff),
+        first_retry=_seconds(table, "notify.first_retry", NotifyConfig.first_retry),
+        interval=_seconds(table, "notify.interval", NotifyConfig.interval),
+    )
+
+
 def _source(item: Any, where: str, base: Path, index: int) -> SourceConfig:
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: must be a table")
@@ -415,7 +484,10 @@ def _source(item: Any, where: str, base: Path, index: int) -> SourceConfig:
         if not path_value:
             raise ConfigError(f"{where}.path: missing (the folder to index)")
         path = Path(path_value)
-        return SourceConfig(**common, path=path if path.is_absolute() else base / path)
+        watch = item.get("watch", True)
+        if not isinstance(watch, bool):
+            raise ConfigError(f"{where}.watch: expected true or false, got {type(watch).__name__} {watch!r}")
+        return SourceConfig(**common, path=path if path.is_absolute() else base / path, watch=watch)
     deadlines = Deadlines(
         connect=_seconds(item, f"{where}.connect_timeout", Deadlines.connect),
         message=_seconds(item, f"{where}.timeout", Deadlines.message),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import io
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor
 
 import anyio
@@ -22,11 +23,13 @@ from gateway.stream.dicomweb_pacs import DicomwebSource
 from gateway.stream.dimse.source import DimseSource
 from gateway.stream.federation import Federation
 from gateway.stream.folder import FolderSource
-from gateway.stream.source import Source
+from gateway.stream.source import Source, Watcher
 
 __all__ = ["Gateway", "make_source"]
 
 log = logging.getLogger("gateway")
+
+ANNOUNCE_PERIOD = 0.25  # seconds between the announcer's looks for quiet studies (an index probe)
 
 
 def make_source(
@@ -38,12 +41,43 @@ def make_source(
     whose search answers are partial: an instance's path and bytes, the first time it comes) and
     ``changed`` (a folder: the path of a file found changed since it was indexed)."""
     if config.kind == "filesystem" and config.path is not None:
-        return FolderSource(config.name, config.path, changed=changed)
+        return FolderSource(config.name, config.path, changed=changed, watch=config.watch)
     if config.kind == "dicomweb":
         return DicomwebSource(config)
     if config.kind == "dimse":
         return DimseSource(config, learn=learn)
     raise ConfigError(f"sources.{config.name}.kind: {config.kind!r} is not supported")
+
+
+# More changed paths than this before a harvest starts: list the whole folder instead (a bulk
+# copy; one walk then costs less than as many lookups, and the set stays bounded).
+MAX_CHANGED_PATHS = 10_000
+_BUSY_RETRY = 2.0  # seconds before changes are harvested again when another node held the source
+
+
+class _Pending:
+    """What the next harvest of one source must cover: the paths its watcher named since the
+    last harvest started, or everything (``full``). Changes that come during a harvest make the
+    next one: harvests of a source never overlap, and none is lost."""
+
+    def __init__(self) -> None:
+        self.full = True  # the first harvest lists everything
+        self.paths: set[str] = set()
+        self.ready = anyio.Event()
+
+    def add(self, paths: Collection[str]) -> None:
+        if "" in paths or len(self.paths) + len(paths) > MAX_CHANGED_PATHS:
+            self.full = True
+            self.paths.clear()
+        elif not self.full:
+            self.paths.update(paths)
+        self.ready.set()
+
+    def take(self) -> set[str] | None:
+        """The paths to harvest (None: everything), or an empty set when nothing is due."""
+        paths = None if self.full else self.paths
+        self.full, self.paths, self.ready = False, set(), anyio.Event()
+        return paths
 
 
 class Gateway:
@@ -81,9 +115,16 @@ class Gateway:
         if refused:
             log.warning("source %s: what %s sent was not learnt: %s", source, path, refused)
 
-    def harvest(self, name: str, progress=None, executor: Executor | None = None) -> SourceStats | None:
-        """Harvest one source; None when another node (or process) is harvesting it right now:
-        one harvest per source at a time, whatever the number of nodes on the registry."""
+    def harvest(
+        self,
+        name: str,
+        progress=None,
+        executor: Executor | None = None,
+        paths: Collection[str] | None = None,
+    ) -> SourceStats | None:
+        """Harvest one source (``paths``: only those, as its watcher named them); None when
+        another node (or process) is harvesting it right now: one harvest per source at a time,
+        whatever the number of nodes on the registry."""
         source = self.sources[name]
         with self.registry.harvesting(name) as mine:
             if not mine:
@@ -91,19 +132,87 @@ class Gateway:
                 return None
             # Worker processes parse files; remote sources hand over parsed metadata already.
             pool = executor if source.kind == "filesystem" else None
-            return harvest(self.registry, source, progress, pool)
+            return harvest(self.registry, source, progress, pool, paths=paths)
 
     async def harvest_forever(self, source_config: SourceConfig) -> None:
-        """Harvest one source now and then every ``interval`` seconds; errors are logged, the
-        loop goes on (the index keeps serving what it had)."""
+        """Harvest one source now, then whenever its watcher says something changed (only
+        that, at once), and all of it every ``interval`` seconds: the safety net, and the only
+        schedule of a source that is not watched or whose watcher failed. Errors are logged,
+        the loop goes on (the index keeps serving what it had)."""
+        name = source_config.name
+        watcher = self.sources[name].watch if source_config.watch else None
+        pending = _Pending()
+        stop = anyio.Event()
+        async with anyio.create_task_group() as group:
+            if watcher is not None:
+                group.start_soon(self._watch, source_config, watcher, pending, stop)
+            try:
+                await self._harvest_when_due(source_config, pending)
+            finally:
+                stop.set()
+
+    async def _watch(
+        self, config: SourceConfig, watcher: Watcher, pending: _Pending, stop: anyio.Event
+    ) -> None:
+        try:
+            await watcher.watch_changes(pending.add, stop)
+        except GatewayError as exc:  # inotify's limits, a folder gone: the interval still holds
+            log.warning(
+                "source %s: changes are not watched (%s); harvested every %g s instead",
+                config.name,
+                exc.message,
+                config.interval,
+            )
+        except Exception:
+            log.exception(
+                "source %s: changes are not watched; harvested every %g s instead",
+                config.name,
+                config.interval,
+            )
+
+    async def _harvest_when_due(self, config: SourceConfig, pending: _Pending) -> None:
+        full_at = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= full_at:
+                pending.full = True
+            elif not pending.ready.is_set():
+                with anyio.move_on_after(full_at - now):
+                    await pending.ready.wait()
+                continue
+            paths = pending.take()
+            if paths is None:
+                full_at = time.monotonic() + config.interval
+            elif not paths:
+                continue
+            try:
+                done = await anyio.to_thread.run_sync(
+                    functools.partial(self.harvest, config.name, paths=paths)
+                )
+                if done is None and paths is not None:  # another node holds the source: again soon
+                    pending.add(paths)
+                    await anyio.sleep(_BUSY_RETRY)
+            except GatewayError as exc:
+                log.error("source %s: harvest failed: %s", config.name, exc.message)
+            except Exception:  # keep the schedule alive whatever one run hits
+                log.exception("source %s: harvest failed", config.name)
+
+    def announce(self) -> int:
+        """Announce the studies quiet for ``[changes] quiet_seconds`` (the change feed's
+        ``study.*`` events); how many were announced."""
+        return len(self.registry.announce(self.config.changes_quiet, time.time()))
+
+    async def announce_forever(self, period: float = ANNOUNCE_PERIOD) -> None:
+        """Announce quiet studies every ``period`` seconds; errors are logged, the loop goes on
+        (what was not announced is announced by a later pass, on this node or another)."""
         while True:
             try:
-                await anyio.to_thread.run_sync(self.harvest, source_config.name)
+                await anyio.to_thread.run_sync(self.announce)
             except GatewayError as exc:
-                log.error("source %s: harvest failed: %s", source_config.name, exc.message)
-            except Exception:  # keep the schedule alive whatever one run hits
-                log.exception("source %s: harvest failed", source_config.name)
-            await anyio.sleep(source_config.interval)
+                log.error("change feed: announcing failed: %s", exc.message)
+            except Exception:  # keep the announcer alive whatever one pass hits
+                log.exception("change feed: announcing failed")
+            await anyio.sleep(period)
 
     async def aclose(self) -> None:
         for source in self.sources.values():

@@ -18,6 +18,8 @@ __all__ = [
     "MatchKind",
     "PixelMode",
     "SourceKind",
+    "ChangeKind",
+    "Change",
     "Packed",
     "PixelInfo",
     "Entry",
@@ -36,6 +38,12 @@ MatchKind = Literal["single", "wildcard", "list", "range", "universal"]
 # (deflated files), or fetched from a remote source by number.
 PixelMode = Literal["direct", "swap", "decode", "remote"]
 SourceKind = Literal["filesystem", "dicomweb", "dimse"]
+# What the change feed records (README, "Change feed"): what each harvest wrote or removed, per
+# series, as it commits; and per study, once no instance has arrived for the quiet period, that it
+# became available (first time), was updated (later times) or was removed (its last instance gone).
+ChangeKind = Literal[
+    "instances.added", "instances.removed", "study.available", "study.updated", "study.removed"
+]
 
 Packed = dict[str, Any]  # a frame map in the registry's JSON form (see ``gateway.codec.framemap``)
 
@@ -145,3 +153,18 @@ class Query:
     offset: int = 0
     scope: dict[str, str] = field(default_factory=dict)  # UIDs from the path, by keyword
     restriction: Restriction | None = None  # None: the caller sees every study
+
+
+@dataclass(frozen=True)
+class Change:
+    """One event of the change feed, in the order of ``seq`` (monotonic; numbers may be skipped,
+    never reordered: see ``gateway.registry.changes``)."""
+
+    seq: int
+    time: float  # seconds since the epoch, when the event was written
+    kind: str  # a ChangeKind
+    source: str  # the source whose harvest wrote it ("" for study-level events)
+    StudyInstanceUID: str
+    SeriesInstanceUID: str | None  # None for study-level events
+    patient: str | None  # the patient's INS, when the study has one
+    instances: int  # instances added or removed (series events); the study's count (study events)

@@ -41,6 +41,13 @@ __all__ = [
     "HIDDEN_STUDY",
     "EMERGENCY",
     "AUDIT",
+    "SUBSCRIPTIONS",
+    "SUBSCRIPTION",
+    "CHANGES",
+    "PRIORS",
+    "FHIR",
+    "FHIR_IMAGING_STUDIES",
+    "FHIR_IMAGING_STUDY",
     "IID",
     "VIEWER",
     "VIEWER_STUDIES",
@@ -86,7 +93,17 @@ HIDDEN = "/api/hidden"
 HIDDEN_STUDY = HIDDEN + "/{uid}"
 EMERGENCY = "/api/emergency"
 AUDIT = "/api/audit"
+SUBSCRIPTIONS = "/api/subscriptions"  # new-study notifications (gateway/api/subscriptions.py)
+SUBSCRIPTION = SUBSCRIPTIONS + "/{id}"
+CHANGES = "/api/changes"  # the change feed (gateway/api/changes.py)
+PRIORS = "/api/priors"  # a study's relevant priors (gateway/api/priors.py)
 IID = "/IHEInvokeImageDisplay"  # IHE RAD TF-2 4.106
+
+# -- FHIR R4 (gateway/api/fhir.py): a patient's imaging history for EHRs and portals ----------------
+
+FHIR = "/fhir"
+FHIR_IMAGING_STUDIES = FHIR + "/ImagingStudy"  # search
+FHIR_IMAGING_STUDY = FHIR_IMAGING_STUDIES + "/{study}"  # read: the id is the StudyInstanceUID
 
 # -- the OHIF viewer (gateway/viewer) ---------------------------------------------------------------
 

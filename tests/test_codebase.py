@@ -52,10 +52,11 @@ def test_every_module_declares_its_public_names():
 # speaks for all of them; composition and the command line wire it together.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("gateway", "gateway.types", "gateway.errors", "gateway.redact", "gateway.dburl", "gateway.config"),
-    ("gateway.codec",),
+    ("gateway.codec", "gateway.fhir"),  # DICOM and FHIR formats, without I/O
     ("gateway.stream",),
     ("gateway.registry",),
     ("gateway.access",),
+    ("gateway.notify",),  # subscriptions: deliver what the feed says to whom the policy allows
     ("gateway.dicomweb", "gateway.api", "gateway.viewer", "gateway.urls"),
     ("gateway.app", "gateway.service", "gateway.cli", "gateway.backup", "gateway.__main__"),
 )

@@ -33,6 +33,14 @@ ACTIONS = (
     "emergency.open",
     "emergency.list",
     "audit.read",
+    "subscription.create",  # new-study notifications: subscribe, list, revoke,
+    "subscription.list",
+    "subscription.revoke",
+    "notify.deliver",  # and each delivery attempt (by the gateway, for the subscriber)
+    "changes.read",  # the change feed: the events of the patients named
+    "fhir.search",  # FHIR ImagingStudy: a patient's imaging history searched,
+    "fhir.read",  # or one study read
+    "priors.list",  # a study's relevant priors (the patient's other studies)
     "viewer.open",
     "other",
 )

@@ -105,6 +105,17 @@ _EVENTS = {
     "emergency.list": _QUERIED,
     # A.5.3.2: the patient reads (part of) the audit trail kept about them.
     "audit.read": _Event(_AUDIT_LOG_USED, "R", (), None, None),
+    # A subscription is derived from grants: making or ending one changes what flows where.
+    "subscription.create": _CHANGED,
+    "subscription.list": _QUERIED,
+    "subscription.revoke": _CHANGED,
+    "notify.deliver": _SENT,  # A.5.3.7: a notification naming the patient's study leaves the gateway
+    "changes.read": _QUERIED,  # the change feed: which studies of the patients named changed
+    # A.5.3.10: FHIR searches and the priors list are queries over the index (their answers
+    # describe studies, without their instances); reading one ImagingStudy is one too.
+    "fhir.search": _QUERIED,
+    "fhir.read": _QUERIED,
+    "priors.list": _QUERIED,
     "other": _Event(_SECURITY_ALERT, "E", (_RESTRICTED,), None, None),
 }
 

@@ -96,7 +96,23 @@ def _migrations(dialect: str) -> list[list[str]]:
             """CREATE TRIGGER audit_patients_no_delete BEFORE DELETE ON audit_patients
             BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
         ]
-    return [first, second]
+    # 3: subscriptions (gateway.notify): who asked to be told what, where, and the durable outbox
+    # of what is owed to each (one row per event and subscription; its SQL is gateway/notify/store.py).
+    third = [
+        f"""CREATE TABLE subscriptions (
+        id TEXT PRIMARY KEY, issuer TEXT, subject TEXT NOT NULL, role TEXT NOT NULL,
+        organization TEXT, patient TEXT, channel TEXT NOT NULL, endpoint TEXT NOT NULL,
+        header TEXT, payload TEXT NOT NULL, created {real} NOT NULL, revoked {real},
+        cursor BIGINT NOT NULL)""",
+        "CREATE INDEX subscriptions_owner ON subscriptions (issuer, subject)",
+        f"""CREATE TABLE outbox (
+        id {serial}, subscription TEXT NOT NULL REFERENCES subscriptions(id), seq BIGINT NOT NULL,
+        kind TEXT NOT NULL, StudyInstanceUID TEXT NOT NULL, patient TEXT, time {real} NOT NULL,
+        state TEXT NOT NULL, attempts INTEGER NOT NULL, due {real} NOT NULL, done {real},
+        error TEXT, UNIQUE (subscription, seq))""",
+        "CREATE INDEX outbox_pending ON outbox (state, subscription, seq)",
+    ]
+    return [first, second, third]
 
 
 _AUDIT_COLUMNS = [f.name for f in fields(AuditRecord) if f.name not in ("id", "patients")]

@@ -1,7 +1,12 @@
 """IHE Invoke Image Display (IHE RAD TF-2 4.106): another application opens the viewer on some
 studies, or on a patient's study list, by a URL.
 
-    GET    /IHEInvokeImageDisplay  ?requestType=STUDY&studyUID=... | PATIENT&patientID=...
+    GET    /IHEInvokeImageDisplay  ?requestType=STUDY&studyUID=...[&priors=N] | PATIENT&patientID=...
+
+``priors=N`` (a gateway extension, 0 to 5, 0 by default: the profile's URL opens what it names)
+opens the first study with its N best relevant priors beside it (``gateway.api.priors``: the
+patient's other studies the caller may see, sharing its modality or body region); OHIF takes
+several studies as one comma-separated ``StudyInstanceUIDs``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from starlette.routing import Route
 from gateway import urls
 from gateway.api.common import access_of, run
 from gateway.api.middleware import audit_of
+from gateway.api.priors import best_priors
 from gateway.errors import RequestError
 from gateway.redact import escape
 
 __all__ = ["ROUTES", "invoke_image_display"]
 
 _IID_STUDIES = 100  # studies one Invoke Image Display may open
+_IID_PRIORS = 5  # priors one may ask to open beside the first study
 
 
 async def invoke_image_display(request: Request) -> Response:
@@ -35,14 +42,27 @@ async def invoke_image_display(request: Request) -> Response:
             raise RequestError("studyUID: required for requestType=STUDY")
         if len(studies) > _IID_STUDIES:
             raise RequestError(f"studyUID: at most {_IID_STUDIES} studies")
+        wanted = params.get("priors", "0")
+        if not (wanted.isascii() and wanted.isdigit() and int(wanted) <= _IID_PRIORS):
+            raise RequestError(f"priors: an integer from 0 to {_IID_PRIORS} is required")
         patients: list[str] = []
         emergency = False
         for study in studies:
             allowed = await run(policy.check_study, principal, study)
             patients.append(allowed.patient or "")
             emergency |= allowed.emergency
+        if int(wanted):
+            restriction = await run(policy.restriction, principal)
+            found = await run(best_priors, policy.registry, studies[0], restriction, int(wanted))
+            for prior in found:
+                if prior.study.StudyInstanceUID not in studies:
+                    studies.append(prior.study.StudyInstanceUID)
+                    patients.append(prior.study.INS or "")
+                    emergency |= bool(prior.study.INS) and await run(
+                        policy.emergency_among, principal, {prior.study.INS}
+                    )
         # Every patient whose study the viewer is opened on, in the one record.
-        noted["patients"], noted["emergency"] = [p for p in patients if p], emergency
+        noted["patients"], noted["emergency"] = list(dict.fromkeys(p for p in patients if p)), emergency
         if len(studies) == 1:
             noted["study"] = studies[0]
         target = f"{urls.VIEWER_STUDIES}?{urlencode({'StudyInstanceUIDs': ','.join(studies)})}"

@@ -58,6 +58,13 @@ _ACTIONS = [
     ("POST", urls.pattern(urls.EMERGENCY, "/?$"), "emergency.open"),
     ("GET", urls.pattern(urls.EMERGENCY, "/?$"), "emergency.list"),
     ("GET", urls.pattern(urls.AUDIT, "/?$"), "audit.read"),
+    ("POST", urls.pattern(urls.SUBSCRIPTIONS, "/?$"), "subscription.create"),
+    ("GET", urls.pattern(urls.SUBSCRIPTIONS, "/?$"), "subscription.list"),
+    ("DELETE", urls.pattern(urls.SUBSCRIPTION), "subscription.revoke"),
+    ("GET", urls.pattern(urls.CHANGES, "/?$"), "changes.read"),
+    ("GET", urls.pattern(urls.FHIR_IMAGING_STUDIES, "/?$"), "fhir.search"),
+    ("GET", urls.pattern(urls.FHIR_IMAGING_STUDY), "fhir.read"),
+    ("GET", urls.pattern(urls.PRIORS, "/?$"), "priors.list"),
     (None, urls.pattern(urls.IID, "/?$"), "viewer.open"),
 ]
 _SECURITY = [

@@ -4,19 +4,25 @@ Incremental: an entry whose size and modification time are unchanged is skipped;
 entries are read (header only); entries gone from the source are dropped. Unreadable or non-DICOM
 files are counted, logged and remembered (so they are not re-read until they change), never fatal.
 If the source cannot be listed at all (an unmounted folder, say), nothing is removed.
+
+A harvest of ``paths`` (what a watched source said changed) lists only those paths and what is
+below them (``Watcher.scan_paths``), and compares them with what the registry holds at or below
+them alone: a new study in a folder of 100,000 files costs its own files, not a walk. What it no
+longer finds there is dropped; what the watcher missed waits for the next full harvest, which alone
+sees everything.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Executor
 
 from gateway.errors import DicomFileError, GatewayError
 from gateway.redact import escape
 from gateway.registry.record import InstanceRecord, build_record, record_from_json
-from gateway.registry.store import Harvested, Registry, SourceStats
+from gateway.registry.store import FileState, Harvested, Registry, SourceStats
 from gateway.stream.source import Source
 from gateway.types import Entry, PixelInfo
 
@@ -61,16 +67,71 @@ def _parse_batch(source: Source, entries: list[Entry]) -> list[Parsed]:
     return [parse_entry(source, entry) for entry in entries]
 
 
+_LOOKUP = 500  # paths per lookup of their states (bound parameters of one statement)
+_PREFIXES = 50  # directories per lookup of what is below them (each compared with every path)
+
+
+def _states(
+    registry: Registry, source: str, paths: Collection[str], below: bool = False
+) -> dict[str, FileState]:
+    """What the registry holds of ``source`` at each of ``paths`` (``below``: under each, as
+    directories), as ``Registry.file_states`` says it for the whole source."""
+    states: dict[str, FileState] = {}
+    ordered = sorted(paths)
+    step = _PREFIXES if below else _LOOKUP
+    for table in ("locations", "rejects", "conflicts"):  # rejects and conflicts: read when changed
+        for start in range(0, len(ordered), step):
+            chunk = ordered[start : start + step]
+            if below:
+                # substr, not LIKE or a range, whose meaning depends on the database's collation;
+                # it reads every path of the source, once per chunk: directories that went are rare.
+                where = " OR ".join(f"substr(path, 1, {len(path) + 1}) = ?" for path in chunk)
+                params = [path + "/" for path in chunk]
+            else:
+                where, params = f"path IN ({','.join('?' * len(chunk))})", chunk
+            sql = f"SELECT path, size, mtime_ns FROM {table} WHERE source = ? AND ({where})"
+            for row in registry.query(sql, (source, *params)):
+                states[row["path"]] = FileState(row["size"], row["mtime_ns"], table != "locations")
+    return states
+
+
+def _changed(
+    registry: Registry, source: Source, paths: Collection[str]
+) -> tuple[list[Entry], dict[str, FileState]]:
+    """What a harvest of ``paths`` lists, and what the registry held there: at each path and
+    each entry listed (by the primary key), and below each path that is no longer a file (a
+    directory walked, or gone), unless the registry held it as a file or it was a hidden name."""
+    assert source.watch is not None
+    entries = list(source.watch.scan_paths(paths))  # bounded by what changed
+    listed = {entry.path for entry in entries}
+    known = _states(registry, source.name, listed | set(paths))
+    places = [
+        p for p in paths if p not in listed and p not in known and not p.rpartition("/")[2].startswith(".")
+    ]
+    if places:
+        known.update(_states(registry, source.name, places, below=True))
+    return entries, known
+
+
 def harvest(
     registry: Registry,
     source: Source,
     progress: Callable[[SourceStats], None] | None = None,
     executor: Executor | None = None,
+    paths: Collection[str] | None = None,
 ) -> SourceStats:
-    """Harvest ``source`` into ``registry``; ``executor`` (a process pool) parses in parallel."""
+    """Harvest ``source`` into ``registry``; ``executor`` (a process pool) parses in parallel.
+    ``paths``: only these (and what is below them), as the source's watcher named them; the run
+    is not recorded as the source's last (``gateway sources`` shows the last full listing)."""
     stats = SourceStats(source.name, started=time.time())
-    stats.since, stats.last_full = _window(registry, source, stats.started or 0.0)
-    known = registry.file_states(source.name)
+    entries: Iterable[Entry]
+    if paths is not None and source.watch is not None:
+        entries, known = _changed(registry, source, paths)
+    else:
+        paths = None
+        stats.since, stats.last_full = _window(registry, source, stats.started or 0.0)
+        known = registry.file_states(source.name)
+        entries = source.scan(stats.since)
     seen: set[str] = set()
     pending: list[Entry] = []
     futures = []
@@ -105,7 +166,7 @@ def harvest(
             store(futures.pop(0).result())
 
     try:
-        for entry in source.scan(stats.since):
+        for entry in entries:
             stats.seen += 1
             seen.add(entry.path)
             old = known.get(entry.path)
@@ -127,7 +188,8 @@ def harvest(
         dispatch(pending)
     for future in futures:
         store(future.result())
-    # Only a full run tells what is gone: an incremental one saw recent studies alone.
+    # Only a full run tells what is gone: an incremental one saw recent studies alone (a run of
+    # paths: ``known`` holds what was at or below them, all of it listed again).
     gone = [path for path in known if path not in seen] if stats.since is None else []
     if gone:
         with registry.transaction() as conn:
@@ -136,13 +198,17 @@ def harvest(
     if stats.indexed + stats.removed >= _ANALYZE_AFTER:
         registry.analyze()  # the query planner's statistics, for what changed in bulk
     stats.finished = finished = time.time()
-    registry.record_run(stats)
+    scope = f" (studies since {stats.since})" if stats.since else ""
+    if paths is not None:
+        scope = f" ({len(paths)} paths changed)"
+    else:
+        registry.record_run(stats)
     if progress:
         progress(stats)
     log.info(
         "source %s%s: seen %d, indexed %d, skipped %d, failed %d, conflicts %d, removed %d in %.1f s",
         source.name,
-        f" (studies since {stats.since})" if stats.since else "",
+        scope,
         stats.seen,
         stats.indexed,
         stats.skipped,

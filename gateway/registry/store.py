@@ -3,8 +3,9 @@ default) or PostgreSQL (several nodes on one database).
 
 Plain SQL with bound parameters, no ORM, written once for both (``database`` says what differs).
 The tables are ``schema``'s. Writes come from harvest, in batches inside one transaction (the SQL
-is ``writes``'); reads come from the HTTP layer and the access policy, which name what they want by
-UIDs (a retrieval's ``scope``) or by a ``Query`` (a search: ``search``) and never write SQL.
+is ``writes``'), and each transaction appends what it did to the change feed as it commits (the
+SQL is ``changes``'); reads come from the HTTP layer and the access policy, which name what they
+want by UIDs (a retrieval's ``scope``) or by a ``Query`` (a search: ``search``) and never write SQL.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,15 @@ from pydicom.uid import UID
 
 from gateway import dburl
 from gateway.errors import RegistryError
+from gateway.registry import changes as _changes
 from gateway.registry import search as _search
 from gateway.registry import writes
 from gateway.registry.arbitration import arbitrate
 from gateway.registry.database import Database, Row, open_database
 from gateway.registry.record import InstanceRecord
-from gateway.registry.schema import CANONICAL, SCHEMA_VERSION, TABLES, schema
+from gateway.registry.schema import CANONICAL, FEED_TABLES, MIGRATED, SCHEMA_VERSION, TABLES, schema
 from gateway.registry.writes import Harvested
-from gateway.types import InstanceFile, Level, Location, PixelInfo, Query
+from gateway.types import Change, InstanceFile, Level, Location, PixelInfo, Query, Restriction
 
 log = logging.getLogger("gateway.registry")
 
@@ -86,7 +89,9 @@ class Registry:
         self.ranks: dict[str, int] = {}
         try:
             version = self.db.schema_version()
-            if version != SCHEMA_VERSION:
+            if version in MIGRATED:
+                _migrate(self.db, version)
+            elif version != SCHEMA_VERSION:
                 _rebuild(self.db, version)
             self.db.create_schema(schema(self.dialect), SCHEMA_VERSION)
         except RegistryError as exc:
@@ -94,9 +99,24 @@ class Registry:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def transaction(self) -> Any:
-        """A write transaction: ``with registry.transaction() as conn: conn.execute(sql, params)``."""
-        return self.db.transaction()
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A write transaction: ``with registry.transaction() as conn: conn.execute(sql, params)``.
+        What harvest's writes in it did (``put_instances``, ``remove_paths``, ...) is appended to
+        the change feed just before it commits, in the same transaction."""
+        with self.db.transaction() as conn:
+            pending = self._local.pending = _changes.Pending()
+            try:
+                yield conn
+                _changes.flush(conn, self.dialect, pending)
+            finally:
+                self._local.pending = None
+
+    def _pending(self) -> _changes.Pending | None:
+        """The change feed's notes of this thread's open ``transaction`` (None outside one: a
+        connection from ``db.transaction()`` writes without telling the feed)."""
+        pending: _changes.Pending | None = getattr(self._local, "pending", None)
+        return pending
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
         """Rows of any SQL: for the registry's own modules, tests and tools; the layers above ask
@@ -146,7 +166,7 @@ class Registry:
         """Insert or replace instances and their locations (inside a harvest transaction), as
         ``put_instance`` for each in turn would, but set-wise (see ``writes``); returns the paths
         whose copy conflicts with a higher-priority source's, and why (``arbitration``)."""
-        return writes.put_instances(conn, self.dialect, source, items, self.ranks)
+        return writes.put_instances(conn, self.dialect, source, items, self.ranks, self._pending())
 
     def learn(
         self, source: str, path: str, record: InstanceRecord, syntax: str, frames: dict[str, Any]
@@ -168,14 +188,14 @@ class Registry:
         return None
 
     def put_reject(self, conn: Any, source: str, path: str, size: int, mtime_ns: int, reason: str) -> None:
-        writes.put_reject(conn, self.dialect, source, path, size, mtime_ns, reason)
+        writes.put_reject(conn, self.dialect, source, path, size, mtime_ns, reason, self._pending())
 
     def remove_paths(self, conn: Any, source: str, paths: list[str]) -> None:
-        writes.remove_paths(conn, self.dialect, source, paths)
+        writes.remove_paths(conn, self.dialect, source, paths, self._pending())
 
     def analyze(self, vacuum: bool = True) -> None:
         """Refresh the database's statistics (after a harvest that changed many instances)."""
-        self.db.analyze([t for t in TABLES if t != "registry_meta"], vacuum)
+        self.db.analyze([t for t in TABLES + FEED_TABLES if t != "registry_meta"], vacuum)
 
     def estimated_rows(self, tables: Sequence[str]) -> dict[str, float]:
         """Rows per table by the database's statistics (which only ``analyze`` moves),
@@ -224,6 +244,27 @@ class Registry:
 
     def source_runs(self) -> list[SourceStats]:
         return [SourceStats(**dict(row)) for row in self.query("SELECT * FROM sources ORDER BY name")]
+
+    # -- the change feed (the SQL is ``changes``') ----------------------------------------------
+
+    def changes(self, since: int, limit: int, restriction: Restriction | None = None) -> list[Change]:
+        """The feed's events after ``since`` in ``seq`` order, at most ``limit``, those that
+        ``restriction`` lets through (None: all). Pass the last ``seq`` seen as the next ``since``:
+        numbers may be skipped, never reordered (see ``changes``)."""
+        return _changes.read(self.query, self.dialect, since, limit, restriction)
+
+    def last_change(self) -> int:
+        """The greatest ``seq`` of the feed (0 when it is empty)."""
+        return _changes.last(self.query)
+
+    def announce(self, quiet_seconds: float, now: float) -> list[Change]:
+        """Announce the studies with no change for ``quiet_seconds`` at ``now`` (available,
+        updated, removed): once per quiet period, safe with several nodes; returns what it
+        appended. Idle, it is one index probe."""
+        if not self.db.query(*_changes.due_query(quiet_seconds, now)):
+            return []
+        with self.db.transaction() as conn:
+            return _changes.announce(conn, self.dialect, quiet_seconds, now)
 
     # -- searching (QIDO-RS: the SQL is ``search``'s and ``qido``'s) ---------------------------
 
@@ -368,6 +409,23 @@ def _in_study_order(columns: str, where: str, with_locations: bool = True) -> st
         f"SELECT {columns} FROM instances i JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID"
         f"{join} WHERE {where} ORDER BY se.SeriesNumber, se.SeriesInstanceUID, i.InstanceNumber, "
         f"i.SOPInstanceUID{', l.source' if with_locations else ''}"
+    )
+
+
+def _migrate(db: Database, version: int) -> None:
+    """Bring a registry of a version in ``MIGRATED`` forward, its data kept: the tables it lacks
+    are created (``create_schema`` then records the version). 6 -> 7: the change feed's tables,
+    with the studies already indexed counted as announced. Idempotent: a migration interrupted
+    before the version is recorded runs again whole."""
+    with db.transaction() as conn:
+        if db.dialect == "postgresql":  # one node at a time, as ``create_schema``
+            conn.execute("SELECT pg_advisory_xact_lock(7267)")
+        for statement in schema(db.dialect):
+            conn.execute(statement)
+        if version == 6:
+            _changes.backfill_activity(conn, time.time())
+    log.info(
+        "registry %s: schema version %d brought forward to %d in place", db.where, version, SCHEMA_VERSION
     )
 
 

@@ -2,7 +2,8 @@
 the harvest's transaction, each batch set-wise (a statement per table, one per patient).
 
 Plain SQL with bound parameters, written once for SQLite and PostgreSQL; ``conn`` is a
-transaction's connection (``Registry.transaction()``), ``dialect`` its database's.
+transaction's connection (``Registry.transaction()``), ``dialect`` its database's; ``pending``
+gathers what the change feed will say of the transaction (``changes``), None to say nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from gateway.registry.arbitration import Verdict, arbitrate, fingerprint
+from gateway.registry.changes import Pending
 from gateway.registry.record import InstanceRecord
 from gateway.registry.schema import AGGREGATE, INSTANCE_COLUMNS, PATIENT_COLUMNS
 from gateway.types import PixelInfo
@@ -31,7 +33,12 @@ class Harvested(NamedTuple):
 
 
 def put_instances(
-    conn: Any, dialect: str, source: str, items: Sequence[Harvested], ranks: Mapping[str, int] | None = None
+    conn: Any,
+    dialect: str,
+    source: str,
+    items: Sequence[Harvested],
+    ranks: Mapping[str, int] | None = None,
+    pending: Pending | None = None,
 ) -> dict[str, str]:
     """Insert or replace instances and their locations (inside a harvest transaction), as
     writing each in turn would, but set-wise: a statement per table for the
@@ -41,9 +48,9 @@ def put_instances(
     ``ranks``: each source's priority (lower wins, see ``arbitration``). Returns the paths whose
     copy conflicts with a higher-priority source's, and why: kept as conflicts, not locations."""
     by_path = {item.path: item for item in items}  # a path given twice: the last one holds
-    remove_paths(conn, dialect, source, list(by_path))  # what a replaced path held goes first
+    remove_paths(conn, dialect, source, list(by_path), pending)  # what a replaced path held goes first
     verdict = arbitrate(conn, source, ranks or {}, [item.record for item in by_path.values()])
-    _displace(conn, dialect, source, verdict)
+    _displace(conn, dialect, source, verdict, pending)
     put_records(conn, dialect, verdict.write, source)
     rows = [
         (
@@ -64,6 +71,10 @@ def put_instances(
         for pixel in (item.pixel,)
     ]
     conn.executemany(_upsert_sql("locations", _LOCATION_COLUMNS, "source, path"), rows)
+    if pending is not None:
+        for item in by_path.values():
+            if item.record.uids[2] in verdict.located:
+                pending.add(source, *item.record.uids)
     refused = {
         item.path: verdict.refused[item.record.uids[2]]
         for item in by_path.values()
@@ -80,7 +91,7 @@ def put_instances(
     return refused
 
 
-def _displace(conn: Any, dialect: str, source: str, verdict: Verdict) -> None:
+def _displace(conn: Any, dialect: str, source: str, verdict: Verdict, pending: Pending | None) -> None:
     """Other sources' copies that a higher-priority copy contradicts become conflicts."""
     moved: list[tuple[Any, ...]] = []
     for uid, reason in verdict.displaced.items():
@@ -102,7 +113,7 @@ def _displace(conn: Any, dialect: str, source: str, verdict: Verdict) -> None:
     for row in moved:
         by_source.setdefault(row[0], []).append(row[1])
     for other, paths in by_source.items():
-        remove_paths(conn, dialect, other, paths)
+        remove_paths(conn, dialect, other, paths, pending)
     for uid in verdict.displaced:  # what stays of the instance is the winner's, about to be written
         conn.execute("UPDATE instances SET held_by = NULL WHERE SOPInstanceUID=?", (uid,))
     conn.executemany(_upsert_sql("conflicts", _CONFLICT_COLUMNS, "source, path"), moved)
@@ -229,14 +240,23 @@ def _recount(conn: Any, dialect: str, series: list[str], studies: list[str]) -> 
 
 
 def put_reject(
-    conn: Any, dialect: str, source: str, path: str, size: int, mtime_ns: int, reason: str
+    conn: Any,
+    dialect: str,
+    source: str,
+    path: str,
+    size: int,
+    mtime_ns: int,
+    reason: str,
+    pending: Pending | None = None,
 ) -> None:
-    remove_paths(conn, dialect, source, [path])
+    remove_paths(conn, dialect, source, [path], pending)
     reject = {"source": source, "path": path, "size": size, "mtime_ns": mtime_ns, "reason": reason}
     upsert(conn, "rejects", reject, "source, path")
 
 
-def remove_paths(conn: Any, dialect: str, source: str, paths: list[str]) -> None:
+def remove_paths(
+    conn: Any, dialect: str, source: str, paths: list[str], pending: Pending | None = None
+) -> None:
     """Forget what these paths held (an instance no other location holds, and the series,
     study and patient left empty), then recount the series and studies that remain, once:
     recounted per removed instance, dropping a 10,000-instance series took 2.7 s."""
@@ -254,14 +274,17 @@ def remove_paths(conn: Any, dialect: str, source: str, paths: list[str]) -> None
     series: set[str] = set()
     studies: set[str] = set()
     for path in held:  # a file that changed or went: rare beside the new ones of a harvest
-        _forget_path(conn, source, path, series, studies)
+        _forget_path(conn, source, path, series, studies, pending)
     existing, alive = _prune(conn, series, studies)
     _recount(conn, dialect, sorted(existing), sorted(alive))
 
 
-def _forget_path(conn: Any, source: str, path: str, series: set[str], studies: set[str]) -> None:
+def _forget_path(
+    conn: Any, source: str, path: str, series: set[str], studies: set[str], pending: Pending | None
+) -> None:
     """Forget one location and the instance if only it held it; the series and studies it
-    touched are added to ``series`` and ``studies`` (the caller prunes and recounts them)."""
+    touched are added to ``series`` and ``studies`` (the caller prunes and recounts them), the
+    instance forgotten to ``pending`` with its patient (the study may go with it)."""
     row = conn.execute(
         "SELECT SOPInstanceUID FROM locations WHERE source=? AND path=?", (source, path)
     ).fetchone()
@@ -280,8 +303,10 @@ def _forget_path(conn: Any, source: str, path: str, series: set[str], studies: s
             conn.execute("UPDATE locations SET mtime_ns = -1 WHERE SOPInstanceUID=?", (uid,))
         return
     found = conn.execute(
-        "SELECT i.SeriesInstanceUID, se.StudyInstanceUID FROM instances i LEFT JOIN series se "
-        "ON se.SeriesInstanceUID = i.SeriesInstanceUID WHERE i.SOPInstanceUID=?",
+        "SELECT i.SeriesInstanceUID, se.StudyInstanceUID, p.INS FROM instances i LEFT JOIN series se "
+        "ON se.SeriesInstanceUID = i.SeriesInstanceUID LEFT JOIN studies st "
+        "ON st.StudyInstanceUID = se.StudyInstanceUID LEFT JOIN patients p ON p.id = st.patient "
+        "WHERE i.SOPInstanceUID=?",
         (uid,),
     ).fetchone()
     conn.execute("DELETE FROM instances WHERE SOPInstanceUID=?", (uid,))
@@ -291,6 +316,8 @@ def _forget_path(conn: Any, source: str, path: str, series: set[str], studies: s
         series.add(found[0])
         if found[1]:
             studies.add(found[1])
+            if pending is not None:
+                pending.remove(source, found[1], found[0], uid, found[2] or None)
 
 
 def _upsert_patients(

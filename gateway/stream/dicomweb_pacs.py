@@ -35,7 +35,7 @@ from gateway.codec.multipart import Data, Headers, MultipartReader, PartEnd, bou
 from gateway.config import SourceConfig
 from gateway.errors import GatewayError, NotFound, SourceError, SourceTimeout, SourceUnavailable
 from gateway.stream.origin import OffOrigin, Origin, quoted
-from gateway.stream.source import BatchRetrieval, Frame
+from gateway.stream.source import BatchRetrieval, Frame, Watcher
 from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
 __all__ = ["DicomwebSource"]
@@ -57,6 +57,7 @@ class DicomwebSource:
     kind = "dicomweb"
     batch: BatchRetrieval | None = None  # one WADO-RS request per instance
     learns_on_retrieve = False  # a series' /metadata gives each instance's whole header
+    watch: Watcher | None = None  # asked again every interval (incrementally)
 
     def __init__(self, config: SourceConfig) -> None:
         assert config.url is not None

@@ -25,6 +25,9 @@ What is in the folder is not trusted after indexing, nor while listing it:
   the source, so the federation tries the instance's next location; the next harvest re-indexes it
   (its size or time differ), and ``changed``, given to the constructor, tells the service, which
   may schedule that harvest now.
+* Watching (``watch``, unless turned off) reports changed paths as they happen (``gateway.stream.
+  watch``); ``scan_paths`` lists just those paths with the checks of ``scan``, so a new file in a
+  folder of 100,000 is indexed without walking them all. The full ``scan`` stays the truth.
 
 What this guarantees: the bytes served were read from one descriptor, of a regular file reached
 from the folder without leaving it, whose size and modification time were those indexed before and
@@ -40,7 +43,7 @@ import asyncio
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,7 +54,8 @@ from gateway.codec import framemap
 from gateway.codec.dicomfile import bulk_value, read_header, to_little_endian
 from gateway.errors import DicomFileError, NotFound, SourceError
 from gateway.redact import escape
-from gateway.stream.source import CHUNK, BatchRetrieval, Frame
+from gateway.stream.source import CHUNK, BatchRetrieval, Frame, Stop, Watcher
+from gateway.stream.watch import watch_folder
 from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
 __all__ = ["FolderSource", "MAX_DEPTH"]
@@ -105,9 +109,12 @@ class FolderSource:
     batch: BatchRetrieval | None = None  # one file per instance: nothing to gain from batches
     learns_on_retrieve = False  # harvest reads every header whole
 
-    def __init__(self, name: str, root: Path, changed: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, name: str, root: Path, changed: Callable[[str], None] | None = None, watch: bool = True
+    ) -> None:
         self.name = name
         self.root = Path(root)
+        self.watch: Watcher | None = self if watch else None  # ``watch_changes``, ``scan_paths``
         # Called with a file's path when serving finds it changed since it was indexed, from a
         # reader thread: the service may harvest this source sooner than its interval.
         self.changed = changed
@@ -116,7 +123,8 @@ class FolderSource:
 
     def __getstate__(self) -> dict[str, object]:
         # Harvest sends the source to worker processes; the reader threads stay here.
-        return {"name": self.name, "root": self.root, "changed": None, "_real": None, "_executor": None}
+        state = {"name": self.name, "root": self.root, "changed": None, "_real": None, "_executor": None}
+        return {**state, "watch": None}  # and the watch: harvest lists the paths here
 
     def _run(self, function: Callable[..., T], *args: Any) -> Awaitable[T]:
         """Blocking file work on this source's reader threads (the event loop's plain executor
@@ -236,7 +244,11 @@ class FolderSource:
     def scan(self, since: str | None = None) -> Iterator[Entry]:  # a folder is always listed whole
         if not self.root.is_dir():
             raise SourceError(f"source {self.name}: folder {self.root} does not exist")
-        stack: list[tuple[str, int]] = [("", 0)]  # (directory, depth): depth first, in name order
+        return self._walk("", 0)
+
+    def _walk(self, top: str, depth: int) -> Iterator[Entry]:
+        """Everything below the directory ``top`` ("": the folder), ``depth`` levels down."""
+        stack: list[tuple[str, int]] = [(top, depth)]  # (directory, depth): depth first, by name
         while stack:
             directory, depth = stack.pop()
             try:
@@ -257,7 +269,9 @@ class FolderSource:
                     yield entry
             stack.extend((path, depth + 1) for path in reversed(below))
 
-    def _entry(self, item: os.DirEntry[str], path: str, depth: int, below: list[str]) -> Entry | None:
+    def _entry(
+        self, item: os.DirEntry[str] | _Named, path: str, depth: int, below: list[str]
+    ) -> Entry | None:
         """The entry for one listed name (None for hidden files and directories to walk, which
         go to ``below``)."""
         try:
@@ -293,6 +307,42 @@ class FolderSource:
         except OSError as exc:
             return self._refused(path, st, f"cannot be read ({exc.strerror})")
         return Entry(path, target.st_size, target.st_mtime_ns)
+
+    # -- watching -----------------------------------------------------------------------------
+
+    async def watch_changes(self, changed: Callable[[set[str]], None], stop: Stop) -> None:
+        await watch_folder(self.root, changed, stop)
+
+    def scan_paths(self, paths: Collection[str]) -> Iterator[Entry]:
+        """What ``scan`` lists at or under each path: each component on the way is looked at as
+        ``scan`` would list it, so a path below a link, a file or a directory too deep yields that
+        entry (refused) and nothing under it; a directory is walked whole; a path gone, nothing."""
+        if not self.root.is_dir():
+            raise SourceError(f"source {self.name}: folder {self.root} does not exist")
+        listed: set[str] = set()  # entries yielded and directories walked: once each
+        for path in sorted(paths):
+            parts = path.split("/")
+            if not path or any(part in ("", ".", "..") for part in parts):
+                continue  # not a name ``scan`` could list
+            for depth in range(len(parts)):
+                sub = "/".join(parts[: depth + 1])
+                if sub in listed:
+                    break
+                try:
+                    st = os.lstat(os.path.join(self.root, sub))
+                except OSError:
+                    break  # gone (or unreachable): the harvest forgets what it held there
+                below: list[str] = []
+                entry = self._entry(_Named(parts[depth], st), sub, depth, below)
+                if entry is not None:
+                    listed.add(sub)
+                    yield entry
+                    break
+                if not below:
+                    break  # a hidden file: never listed
+                if depth == len(parts) - 1:
+                    listed.add(sub)
+                    yield from self._walk(sub, depth + 1)
 
     @staticmethod
     def _refused(path: str, st: os.stat_result | None, reason: str) -> Entry:
@@ -476,3 +526,15 @@ class FolderSource:
     async def aclose(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+
+
+class _Named:
+    """A name the watcher reported, with its ``lstat``: what ``_entry`` asks of an ``os.DirEntry``."""
+
+    def __init__(self, name: str, st: os.stat_result) -> None:
+        self.name = name
+        self._st = st
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        assert not follow_symlinks  # ``_entry`` looks at the name itself, never through a link
+        return self._st

@@ -14,6 +14,9 @@ requests, on the instance:
 * ``status``: what ``health`` answers;
 * ``chunk``: the size of the chunks sent, to make streams of several chunks.
 
+Made with ``watch=True``, it is a watched source (``Source.watch``): ``add`` and ``remove`` are
+reported as changes of their paths, as a watched folder reports files copied in or deleted.
+
 ``asked`` records every read, in order (``("frame", uid, index)`` and the like), so tests can tell
 which locations were tried.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import io
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -31,7 +34,7 @@ from pydicom.dataset import Dataset
 from gateway.codec import framemap
 from gateway.codec.dicomfile import bulk_value, frame_of, read_header, to_little_endian
 from gateway.errors import DicomFileError, GatewayError, NotFound, SourceError, SourceTimeout
-from gateway.stream.source import CHUNK, BatchRetrieval, Frame
+from gateway.stream.source import CHUNK, BatchRetrieval, Frame, Stop, Watcher
 from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
 __all__ = ["MemorySource"]
@@ -54,6 +57,7 @@ class MemorySource:
         batch: bool = False,
         learns_on_retrieve: bool = False,
         learn: Callable[[str, bytes], None] | None = None,
+        watch: bool = False,
     ) -> None:
         """``batch``: offer ``aiter_instances`` (``Source.batch``). ``learns_on_retrieve`` and
         ``learn``: declare that harvest's answers are partial, and what is called with each
@@ -68,6 +72,8 @@ class MemorySource:
         self.batch: BatchRetrieval | None = self if batch else None
         self.learns_on_retrieve = learns_on_retrieve
         self.learn = learn
+        self.watch: Watcher | None = self if watch else None
+        self._changes: set[str] = set()  # paths added or removed, not yet reported
         self.asked: list[tuple[Any, ...]] = []
         self._held: dict[str, bytes] = {}  # Part 10 bytes by path
         self._paths: dict[str, str] = {}  # path by SOP Instance UID
@@ -81,10 +87,28 @@ class MemorySource:
         path = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
         self._held[path] = data
         self._paths[str(ds.SOPInstanceUID)] = path
+        self._changes.add(path)
         return path
 
     def remove(self, uid: str) -> None:
-        self._held.pop(self._paths.pop(uid))
+        path = self._paths.pop(uid)
+        self._held.pop(path)
+        self._changes.add(path)
+
+    # -- watching (``watch=True``) ----------------------------------------------------------------
+
+    async def watch_changes(self, changed: Callable[[set[str]], None], stop: Stop) -> None:
+        while not stop.is_set():
+            if self._changes:
+                paths, self._changes = self._changes, set()
+                changed(paths)
+            await asyncio.sleep(0.01)  # a fake's debounce
+
+    def scan_paths(self, paths: Collection[str]) -> Iterator[Entry]:
+        for path in sorted(paths):
+            data = self._held.get(path)
+            if data is not None:
+                yield Entry(path, len(data), zlib.crc32(data))
 
     # -- what harvest would record, for tests that need no registry ---------------------------------
 

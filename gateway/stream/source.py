@@ -22,6 +22,9 @@ What only some sources do is declared, never guessed from the class:
 * ``learns_on_retrieve``: True when what harvest indexes of an instance is partial (a C-FIND
   response identifier holds the keys asked for and little else, PS3.4 C.4.1.1.3.2) and its full
   header is learnt when the instance is first retrieved. Metadata retrieves such instances first.
+* ``watch``: a ``Watcher`` when the source can say at once what changed (a folder, through the
+  kernel's file notifications), so harvest need not wait for its interval and reads only what
+  changed; else None (remote sources are asked again every ``interval``).
 
 What a source calls back into the service (``learn`` for a DIMSE PACS, ``changed`` for a folder) is
 given to its constructor; nothing is assigned to a source from outside.
@@ -29,14 +32,14 @@ given to its constructor; nothing is assigned to a source from outside.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from typing import NamedTuple, Protocol
 
 from pydicom.dataset import Dataset
 
 from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
-__all__ = ["Source", "BatchRetrieval", "Frame", "CHUNK"]
+__all__ = ["Source", "BatchRetrieval", "Watcher", "Stop", "Frame", "CHUNK"]
 
 CHUNK = 1024 * 1024
 
@@ -65,11 +68,34 @@ class BatchRetrieval(Protocol):
         ...
 
 
+class Stop(Protocol):
+    """What ends a watch: an ``anyio.Event`` (or any event whose ``is_set`` may be asked from
+    another thread, as watchfiles does)."""
+
+    def is_set(self) -> bool: ...
+
+
+class Watcher(Protocol):
+    """A source's way of saying at once what changed (``Source.watch``)."""
+
+    async def watch_changes(self, changed: Callable[[set[str]], None], stop: Stop) -> None:
+        """Call ``changed`` (on the event loop) with the paths that changed, as ``scan`` names
+        them (``""``: anything, list it all), each set gathered over a short debounce, until
+        ``stop`` is set. Raises ``SourceError`` when the source cannot be watched."""
+        ...
+
+    def scan_paths(self, paths: Collection[str]) -> Iterator[Entry]:
+        """What ``scan`` would list at or under each of ``paths`` (blocking): nothing for a path
+        gone, and for a path below an entry ``scan`` does not walk into, that entry."""
+        ...
+
+
 class Source(Protocol):
     name: str
     kind: str
     batch: BatchRetrieval | None
     learns_on_retrieve: bool
+    watch: Watcher | None
 
     def scan(self, since: str | None = None) -> Iterator[Entry]:
         """What the source holds now (blocking; harvest runs it in a worker thread): everything,

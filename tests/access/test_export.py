@@ -54,6 +54,14 @@ EVENTS = [
     ("hidden.list", "110112", "E"),
     ("emergency.list", "110112", "E"),
     ("audit.read", "110101", "R"),
+    ("subscription.create", "110113", "E"),
+    ("subscription.list", "110112", "E"),
+    ("subscription.revoke", "110113", "E"),
+    ("notify.deliver", "110104", "R"),
+    ("changes.read", "110112", "E"),
+    ("fhir.search", "110112", "E"),
+    ("fhir.read", "110112", "E"),
+    ("priors.list", "110112", "E"),
     ("other", "110113", "E"),
 ]
 OUTCOME_CODES = [("success", "0"), ("denied", "4"), ("error", "8"), ("incomplete", "8")]

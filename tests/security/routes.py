@@ -63,6 +63,18 @@ TABLE = [
     Route("POST", "/api/emergency", "caller-api", {"patient": "2900275654321", "reason": "unconscious, 15"}),
     Route("GET", "/api/emergency", "patient-api"),
     Route("GET", "/api/audit", "patient-api"),
+    Route(
+        "POST",
+        "/api/subscriptions",
+        "caller-api",
+        {"channel": {"type": "rest-hook", "endpoint": "https://ehr.example/hook"}, "scope": "all"},
+    ),
+    Route("GET", "/api/subscriptions", "caller-api"),
+    Route("DELETE", "/api/subscriptions/{id}", "caller-api"),
+    Route("GET", "/api/changes", "search"),
+    Route("GET", "/fhir/ImagingStudy?patient.identifier=urn:oid:1.2.250.1.213.1.4.8|1800175123456", "search"),
+    Route("GET", "/fhir/ImagingStudy/{study}", "study"),
+    Route("GET", "/api/priors?StudyInstanceUID={study}", "study-api"),
     Route("GET", "/IHEInvokeImageDisplay?requestType=STUDY&studyUID={study}", "study-api"),
 ]
 

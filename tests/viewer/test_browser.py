@@ -111,3 +111,49 @@ def test_a_study_link_opens_the_viewer_and_stops_working_when_revoked(browser, l
         assert again.goto(link["url"]).status == 404
     finally:
         context.close()
+
+
+@pytest.fixture(scope="module")
+def study_with_prior(ct_study, installed_viewer, tmp_path_factory) -> Iterator[tuple[str, str, str]]:
+    """A gateway (open access) on the CT study and an earlier CT of the same patient; yields the
+    origin, the current study's UID and the prior's."""
+    from fixtures.generate import make_ct_study
+
+    work = tmp_path_factory.mktemp("priors-gateway")
+    folder = work / "studies"
+    current = pydicom.dcmread(sorted(ct_study[0].rglob("*.dcm"))[0])
+    for path in make_ct_study(folder / "prior", n_instances=3, rows=64, cols=64, seed=8):
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.StudyDate = current.PatientID, "20230101"  # the same patient, a year before
+        ds.save_as(path)
+    for path in sorted(ct_study[0].rglob("*.dcm")):
+        (folder / "current").mkdir(parents=True, exist_ok=True)
+        pydicom.dcmread(path).save_as(folder / "current" / path.name)
+    prior = str(pydicom.dcmread(sorted((folder / "prior").rglob("*.dcm"))[0]).StudyInstanceUID)
+    (work / "viewer").symlink_to(installed_viewer, target_is_directory=True)
+    with running_gateway(folder_source("ct", folder), work) as url:
+        yield url.removesuffix("/dicom-web"), ct_study[1], prior
+
+
+@pytest.mark.network
+def test_image_display_opens_the_viewer_on_a_study_with_its_prior(browser, study_with_prior):
+    origin, current, prior = study_with_prior
+    invoked = httpx.get(
+        f"{origin}/IHEInvokeImageDisplay?requestType=STUDY&studyUID={current}&priors=2", timeout=10
+    )
+    assert invoked.status_code == 303, invoked.text
+    assert invoked.headers["location"].endswith(f"StudyInstanceUIDs={current}%2C{prior}")
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    try:
+        seen = open_viewer_and_check(page, origin + invoked.headers["location"])
+        deadline = time.monotonic() + 20  # the prior is listed beside the current study
+        while not any(prior in url for url in asked if "/dicom-web/" in url) and time.monotonic() < deadline:
+            page.wait_for_timeout(200)
+    finally:
+        page.close()
+    assert seen["canvas_nonblank"], seen
+    assert seen["failed"] == [] and seen["page_errors"] == [], seen
+    assert any(current in url for url in asked if "/dicom-web/" in url)
+    assert any(prior in url for url in asked if "/dicom-web/" in url), [u for u in asked if "dicom-web" in u]

@@ -30,7 +30,7 @@ from gateway.stream.dimse import query as dimse_query
 from gateway.stream.dimse.associations import QUERIES, AssociationPool
 from gateway.stream.dimse.replies import Replies
 from gateway.stream.dimse.retrieve import Retriever, Uids
-from gateway.stream.source import CHUNK, BatchRetrieval, Frame
+from gateway.stream.source import CHUNK, BatchRetrieval, Frame, Watcher
 from gateway.types import Entry, InstanceFile, Location
 
 __all__ = ["DimseSource", "Learn"]
@@ -52,6 +52,8 @@ Learn = Callable[[str, bytes], None]
 class DimseSource:
     kind = "dimse"
     learns_on_retrieve = True  # C-FIND answers are partial; headers are learnt on retrieve
+    # Asked again every interval; Instance Availability Notification (PS3.4 Annex R) not yet.
+    watch: Watcher | None = None
 
     def __init__(self, config: SourceConfig, learn: Learn | None = None) -> None:
         assert config.host is not None

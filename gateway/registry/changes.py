@@ -1,0 +1,263 @@
+"""The change feed: durable, ordered events of what harvest wrote and removed, and the study
+announcements made from them once a study is quiet.
+
+Two tables (``schema``): ``changes``, the feed itself, one row per event with a sequence number
+``seq``; and ``study_activity``, one row per study touched: when it last changed, whether it has been
+announced, whether changes wait for an announcement.
+
+What is appended, and when:
+
+- ``instances.added`` / ``instances.removed``: in the transaction of the harvest write or removal
+  itself (``Registry.transaction`` gathers them in a :class:`Pending` and ``flush`` appends them
+  just before the commit), one event per (source, series) per transaction, with the number of
+  instances. Added counts the copies the source wrote (new, or changed and read again); removed
+  the instances the index forgot (an instance another source still holds is not removed). A file
+  read again in the same transaction is added, not removed and added.
+- ``study.available`` / ``study.updated`` / ``study.removed``: by ``announce``, for each study with
+  no change for the quiet period: the first announcement of a study that exists, a later one, or
+  its last instance gone (after which the study is forgotten: if it comes back, it is available
+  again). One per quiet period, however many batches the study arrived in.
+
+Ordering, for readers (the API, the subscription worker): ``seq`` only grows, in commit order.
+On SQLite every write transaction is serialised by the database. On PostgreSQL, where several
+nodes write at once and sequence values are handed out before commit, every transaction that
+appends takes one advisory transaction lock (``_ORDER_LOCK``) just before taking its sequence
+values and holds it to its commit: a transaction that took smaller numbers has committed (and is
+visible) before the next one can take any. So a reader that has seen ``seq`` n never later finds
+a smaller ``seq`` committed. Numbers may be skipped (a transaction rolled back after taking them),
+never reordered: a reader passes the last ``seq`` it saw as ``since`` and asks again; a gap is
+not a loss to wait for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.types import Change, Restriction
+
+__all__ = ["Pending", "flush", "read", "last", "announce", "due_query", "backfill_activity", "COLUMNS"]
+
+# First key of the PostgreSQL advisory lock that orders the feed's appends (a two-key lock: no
+# other lock of the gateway, all one-key, can collide with it).
+_ORDER_LOCK = 7270
+COLUMNS = "seq, time, kind, source, StudyInstanceUID, SeriesInstanceUID, patient, instances"
+_INSERT = (
+    "INSERT INTO changes (time, kind, source, StudyInstanceUID, SeriesInstanceUID, patient, instances) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_IN_LIST = 500  # values in one IN (...): far below SQLite's and PostgreSQL's parameter limits
+_INLINE = 64  # a restriction with more values is bound as one array parameter (as QIDO's)
+_ANNOUNCE_AT_ONCE = 500  # studies announced per transaction: keeps the ordering lock short
+
+
+@dataclass
+class Pending:
+    """What one write transaction did, by (source, StudyInstanceUID, SeriesInstanceUID): the
+    instances written and forgotten (their SOPInstanceUIDs), and each study's patient (INS) as
+    it was before a removal took the study away."""
+
+    added: dict[tuple[str, str, str], set[str]] = field(default_factory=dict)
+    removed: dict[tuple[str, str, str], set[str]] = field(default_factory=dict)
+    patients: dict[str, str | None] = field(default_factory=dict)
+
+    def add(self, source: str, study: str, series: str, instance: str) -> None:
+        self.added.setdefault((source, study, series), set()).add(instance)
+
+    def remove(self, source: str, study: str, series: str, instance: str, patient: str | None) -> None:
+        self.removed.setdefault((source, study, series), set()).add(instance)
+        if patient:
+            self.patients.setdefault(study, patient)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+def flush(conn: Any, dialect: str, pending: Pending, now: float | None = None) -> int:
+    """Append ``pending``'s events and mark their studies active, in ``conn``'s transaction (just
+    before its commit: the ordering lock is held from here to there); returns the events written."""
+    if not pending:
+        return 0
+    now = time.time() if now is None else now
+    events: list[tuple[str, str, str, str, int]] = []  # kind, source, study, series, instances
+    for key in sorted(pending.added.keys() | pending.removed.keys()):
+        source, study, series = key
+        added = pending.added.get(key, set())
+        removed = pending.removed.get(key, set()) - added
+        if added:
+            events.append(("instances.added", source, study, series, len(added)))
+        if removed:
+            events.append(("instances.removed", source, study, series, len(removed)))
+    studies = sorted({event[2] for event in events})
+    if not studies:
+        return 0
+    patients = _patients(conn, studies)
+    for study in studies:
+        if patients.get(study) is None:
+            patients[study] = pending.patients.get(study)
+    _lock(conn, dialect)
+    conn.executemany(
+        _INSERT,
+        [
+            (now, kind, source, study, series, patients[study], count)
+            for kind, source, study, series, count in events
+        ],
+    )
+    # A study without a patient INS here (it went) keeps the one it had.
+    conn.executemany(
+        "INSERT INTO study_activity (StudyInstanceUID, patient, changed, announced, pending) "
+        "VALUES (?, ?, ?, 0, 1) ON CONFLICT (StudyInstanceUID) DO UPDATE SET "
+        "patient = COALESCE(excluded.patient, study_activity.patient), changed = excluded.changed, "
+        "pending = 1",
+        [(study, patients[study], now) for study in studies],
+    )
+    return len(events)
+
+
+def due_query(quiet_seconds: float, now: float) -> tuple[str, tuple[Any, ...]]:
+    """SQL finding whether some study waits for an announcement (one index probe: the
+    announcer's idle poll, outside any transaction), with its parameters."""
+    return (
+        "SELECT 1 FROM study_activity WHERE pending = 1 AND changed <= ? LIMIT 1",
+        (now - quiet_seconds,),
+    )
+
+
+def announce(conn: Any, dialect: str, quiet_seconds: float, now: float) -> list[Change]:
+    """Announce the studies with no change for ``quiet_seconds`` (in ``conn``'s transaction):
+    ``study.available`` the first time, ``study.updated`` later, ``study.removed`` when the study
+    has gone. Under the ordering lock from the first read, so two nodes announcing at once take
+    turns, and the second finds nothing left to announce."""
+    _lock(conn, dialect)
+    rows = conn.execute(
+        "SELECT StudyInstanceUID, patient, announced FROM study_activity "
+        "WHERE pending = 1 AND changed <= ? ORDER BY changed, StudyInstanceUID LIMIT ?",
+        (now - quiet_seconds, _ANNOUNCE_AT_ONCE),
+    ).fetchall()
+    if not rows:
+        return []
+    uids = [row[0] for row in rows]
+    current: dict[str, tuple[str | None, int]] = {}
+    for chunk in _chunks(uids):
+        marks = ",".join("?" * len(chunk))
+        for uid, ins, count in conn.execute(
+            "SELECT st.StudyInstanceUID, p.INS, st.NumberOfStudyRelatedInstances FROM studies st "
+            f"JOIN patients p ON p.id = st.patient WHERE st.StudyInstanceUID IN ({marks})",
+            chunk,
+        ).fetchall():
+            current[uid] = (ins or None, int(count or 0))
+    made: list[Change] = []
+    announced: list[tuple[str | None, str]] = []
+    forgotten: list[tuple[str]] = []
+    for uid, patient, was_announced in rows:
+        if uid in current:
+            ins, count = current[uid]
+            kind = "study.updated" if was_announced else "study.available"
+            patient = ins or patient
+            announced.append((patient, uid))
+        elif was_announced:
+            kind, count = "study.removed", 0
+            forgotten.append((uid,))
+        else:  # came and went between two announcements: nobody was told, nobody needs to be
+            forgotten.append((uid,))
+            continue
+        row = conn.execute(_INSERT + " RETURNING seq", (now, kind, "", uid, None, patient, count)).fetchone()
+        seq = row[0]
+        made.append(Change(int(seq), now, kind, "", uid, None, patient, count))
+    if announced:
+        conn.executemany(
+            "UPDATE study_activity SET announced = 1, pending = 0, patient = COALESCE(?, patient) "
+            "WHERE StudyInstanceUID = ?",
+            announced,
+        )
+    if forgotten:
+        conn.executemany("DELETE FROM study_activity WHERE StudyInstanceUID = ?", forgotten)
+    return made
+
+
+def read(
+    query: Any, dialect: str, since: int, limit: int, restriction: Restriction | None = None
+) -> list[Change]:
+    """Events after ``since``, in ``seq`` order, at most ``limit``, those ``restriction`` lets
+    through (``query``: a function running SQL with parameters, ``Registry.query``). Patients,
+    studies and hidden studies are filtered in SQL, as QIDO does, so a page is ``limit`` visible
+    events read through the indexes by seq, by patient and seq, or by study and seq."""
+    where, params = ["seq > ?"], [since]
+    if restriction is not None:
+        for column, values, negate in (
+            ("patient", restriction.patients, False),
+            ("StudyInstanceUID", restriction.studies, False),
+            ("StudyInstanceUID", restriction.hidden or None, True),
+        ):
+            if values is None:
+                continue
+            if not values:
+                return []  # nothing is visible
+            where.append(_in(column, sorted(values), negate, dialect, params))
+    rows = query(
+        f"SELECT {COLUMNS} FROM changes WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", [*params, limit]
+    )
+    return [
+        Change(int(seq), float(when), kind, source, study, series, patient, int(count))
+        for seq, when, kind, source, study, series, patient, count in rows
+    ]
+
+
+def last(query: Any) -> int:
+    """The greatest ``seq`` committed (0 for an empty feed)."""
+    return int(query("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
+
+
+def backfill_activity(conn: Any, now: float) -> None:
+    """A registry of schema version 6 (before the feed): its studies count as already announced,
+    so that their next change is ``study.updated``, not a second ``study.available``."""
+    conn.execute(
+        "INSERT INTO study_activity (StudyInstanceUID, patient, changed, announced, pending) "
+        "SELECT st.StudyInstanceUID, p.INS, ?, 1, 0 FROM studies st JOIN patients p ON p.id = st.patient "
+        "ON CONFLICT (StudyInstanceUID) DO NOTHING",
+        (now,),
+    )
+
+
+def _lock(conn: Any, dialect: str) -> None:
+    # SQLite: the write transaction (BEGIN IMMEDIATE) already holds the database's one write lock.
+    # PostgreSQL: keyed by schema too, so that registries in other schemas of the same database
+    # (tests, staging) do not wait for each other.
+    if dialect == "postgresql":
+        conn.execute(f"SELECT pg_advisory_xact_lock({_ORDER_LOCK}, hashtext(current_schema()))")
+
+
+def _patients(conn: Any, studies: list[str]) -> dict[str, str | None]:
+    """The INS of each study's patient, for the studies still indexed."""
+    found: dict[str, str | None] = {}
+    for chunk in _chunks(studies):
+        marks = ",".join("?" * len(chunk))
+        for uid, ins in conn.execute(
+            "SELECT st.StudyInstanceUID, p.INS FROM studies st JOIN patients p ON p.id = st.patient "
+            f"WHERE st.StudyInstanceUID IN ({marks})",
+            chunk,
+        ).fetchall():
+            found[uid] = ins or None
+    return found
+
+
+def _in(column: str, values: list[str], negate: bool, dialect: str, params: list[Any]) -> str:
+    """``column IN (values)``; a long list (an organization's grants may cover thousands of
+    patients) as one array parameter, as ``qido`` binds its restrictions."""
+    if len(values) <= _INLINE:
+        params.extend(values)
+        return f"{column} {'NOT IN' if negate else 'IN'} ({','.join('?' * len(values))})"
+    if dialect == "postgresql":
+        params.append(values)  # psycopg sends a list as an array
+        return f"{column} {'<> ALL' if negate else '= ANY'}(?)"
+    params.append(orjson.dumps(values).decode())
+    return f"{column} {'NOT IN' if negate else 'IN'} (SELECT value FROM json_each(?))"
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), _IN_LIST):
+        yield values[start : start + _IN_LIST]
