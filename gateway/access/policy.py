@@ -192,6 +192,11 @@ class Policy:
         if known is not None and now - known[0] < 10 * _FRESH:
             return known[1]
         found = self.registry.study_patient(study)
+        if not found[0]:
+            # Not remembered: a viewer or a subscriber asks for a study before its last file has
+            # landed; it must see it as soon as the harvest commits (the 1 s decision cache
+            # still spares the index repeated lookups by one caller).
+            return found
         with self._lock:
             self._patients[study] = (now, found)
             self._patients.move_to_end(study)

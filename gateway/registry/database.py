@@ -399,10 +399,14 @@ class PostgresDatabase:
     @contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:
         """True for one holder at a time across every node (a session-level advisory lock on a
-        connection kept for the duration), False at once for the others."""
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        connection kept for the duration), False at once for the others. Advisory locks are
+        per database: the key names the schema too, so gateways in schemas of their own on one
+        database (tests do this) do not skip each other's harvests."""
         try:
             with self._pool.connection() as conn:
+                schema = conn.execute("SELECT current_schema()").fetchone()
+                scoped = f"{schema[0] if schema else ''}:{name}"
+                key = int.from_bytes(hashlib.sha256(scoped.encode()).digest()[:8], "big", signed=True)
                 row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
                 held = bool(row and row[0])
                 try:

@@ -308,3 +308,24 @@ def test_cors_headers_go_to_configured_origins_only(site):
         "OPTIONS", "/dicom-web/studies", headers={"Origin": "https://evil.example"}
     )
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_a_study_asked_for_before_it_is_indexed_is_seen_once_it_is():
+    """A missing study is not remembered: a viewer that asks before the harvest commits sees the
+    study on its next request after it, not 10 s later."""
+
+    class Index:
+        held: dict[str, tuple[bool, str | None]] = {}
+
+        def study_patient(self, study: str) -> tuple[bool, str | None]:
+            return self.held.get(study, (False, None))
+
+    from gateway.access.policy import Policy
+
+    index = Index()
+    policy = Policy(store=None, registry=index)  # type: ignore[arg-type]
+    assert policy.study_patient("1.2.3") == (False, None)
+    index.held["1.2.3"] = (True, "1234567890123")
+    assert policy.study_patient("1.2.3") == (True, "1234567890123")
+    index.held.clear()  # a found study is remembered for a while (its patient does not change)
+    assert policy.study_patient("1.2.3") == (True, "1234567890123")
