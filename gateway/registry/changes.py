@@ -36,8 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
+from gateway.registry.qido import restricted
 from gateway.types import Change, Restriction
 
 __all__ = ["Pending", "flush", "read", "last", "announce", "due_query", "backfill_activity", "COLUMNS"]
@@ -51,7 +50,6 @@ _INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _IN_LIST = 500  # values in one IN (...): far below SQLite's and PostgreSQL's parameter limits
-_INLINE = 64  # a restriction with more values is bound as one array parameter (as QIDO's)
 _ANNOUNCE_AT_ONCE = 500  # studies announced per transaction: keeps the ordering lock short
 
 
@@ -188,16 +186,10 @@ def read(
     events read through the indexes by seq, by patient and seq, or by study and seq."""
     where, params = ["seq > ?"], [since]
     if restriction is not None:
-        for column, values, negate in (
-            ("patient", restriction.patients, False),
-            ("StudyInstanceUID", restriction.studies, False),
-            ("StudyInstanceUID", restriction.hidden or None, True),
-        ):
-            if values is None:
-                continue
-            if not values:
-                return []  # nothing is visible
-            where.append(_in(column, sorted(values), negate, dialect, params))
+        conditions = restricted(restriction, "patient", "StudyInstanceUID", dialect, params)
+        if conditions == ["1 = 0"]:
+            return []  # nothing is visible
+        where += conditions
     rows = query(
         f"SELECT {COLUMNS} FROM changes WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", [*params, limit]
     )
@@ -243,19 +235,6 @@ def _patients(conn: Any, studies: list[str]) -> dict[str, str | None]:
         ).fetchall():
             found[uid] = ins or None
     return found
-
-
-def _in(column: str, values: list[str], negate: bool, dialect: str, params: list[Any]) -> str:
-    """``column IN (values)``; a long list (an organization's grants may cover thousands of
-    patients) as one array parameter, as ``qido`` binds its restrictions."""
-    if len(values) <= _INLINE:
-        params.extend(values)
-        return f"{column} {'NOT IN' if negate else 'IN'} ({','.join('?' * len(values))})"
-    if dialect == "postgresql":
-        params.append(values)  # psycopg sends a list as an array
-        return f"{column} {'<> ALL' if negate else '= ANY'}(?)"
-    params.append(orjson.dumps(values).decode())
-    return f"{column} {'NOT IN' if negate else 'IN'} (SELECT value FROM json_each(?))"
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.registry.qido import _restrict
+from gateway.registry.qido import restricted
 from gateway.types import Restriction
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def _page(
         raise ValueError(f"limit is 1 to {MAX_PAGE}, offset at least 0: {limit}, {offset}")
     where, params = list(where), list(params)
     if restriction is not None:
-        _restrict(restriction, where, params, registry.dialect)
+        where += restricted(restriction, "p.INS", "st.StudyInstanceUID", registry.dialect, params)
     tables = "studies st JOIN patients p ON p.id = st.patient"
     condition = " AND ".join(where)
     total = registry.query(f"SELECT COUNT(*) FROM {tables} WHERE {condition}", params)[0][0]

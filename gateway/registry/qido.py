@@ -22,7 +22,7 @@ from gateway.types import Match, MatchKind, Query, Restriction
 
 __all__ = [
     "compile_query", "MAX_RESULTS", "fuzzy_words",
-    "name_match", "count_named", "names_first_below",
+    "name_match", "count_named", "names_first_below", "restricted",
 ]  # fmt: skip
 
 MAX_RESULTS = 1000  # a larger page is cut, with a Warning header (PS3.18 8.3.4.4)
@@ -81,7 +81,7 @@ def compile_query(
     for match in _patient_identity(query.matches, where, params):
         _condition(match, query.fuzzy, where, params)
     if query.restriction is not None:
-        _restrict(query.restriction, where, params, dialect)
+        where += restricted(query.restriction, "p.INS", "st.StudyInstanceUID", dialect, params)
     # The computed attributes (counts, ModalitiesInStudy) are columns kept by the registry's
     # writes: worked out per answer, they were most of a 1,000-result page's SQL.
     selects = ["p.*", "st.*"]
@@ -155,19 +155,24 @@ def names_first_below(patients: float, studies: float, page: int) -> int:
     return max(1, int(patients * min(1.0, (page / studies) ** 0.5)))
 
 
-def _restrict(restriction: Restriction, where: list[str], params: list[Any], dialect: str) -> None:
-    # What the caller may not see is left out silently (the access policy's rule for QIDO).
-    for column_name, values, negate in (
-        ("p.INS", restriction.patients, False),
-        ("st.StudyInstanceUID", restriction.studies, False),
-        ("st.StudyInstanceUID", restriction.hidden or None, True),
-    ):
-        if values is None:
-            continue
-        if not values:
-            where.append("1 = 0")  # nothing is visible
-            continue
-        where.append(_in(column_name, sorted(values), negate, dialect, params))
+def restricted(
+    restriction: Restriction, patient: str, study: str, dialect: str, params: list[Any]
+) -> list[str]:
+    """SQL conditions leaving out what the caller may not see, silently (the access policy's rule
+    for lists: QIDO, the change feed, the patient's history), over the columns naming a study's
+    patient INS and its StudyInstanceUID; ``["1 = 0"]`` when nothing is visible."""
+    dimensions = (
+        (patient, restriction.patients, False),
+        (study, restriction.studies, False),
+        (study, restriction.hidden or None, True),
+    )
+    if any(values is not None and not values for _, values, _ in dimensions):
+        return ["1 = 0"]
+    return [
+        _in(column, sorted(values), negate, dialect, params)
+        for column, values, negate in dimensions
+        if values is not None
+    ]
 
 
 def _in(column_name: str, values: list[str], negate: bool, dialect: str, params: list[Any]) -> str:
