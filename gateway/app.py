@@ -79,7 +79,8 @@ async def _lifespan(app: Starlette, gateway: Gateway, access: Access, harvest: b
         if harvest:
             for source_config in gateway.config.sources:
                 group.start_soon(gateway.harvest_forever, source_config)
-            group.start_soon(gateway.announce_forever)  # the change feed's study announcements
+            # the change feed's study announcements, each pass that announced waking the worker
+            group.start_soon(functools.partial(gateway.announce_forever, announced=app.state.notify.wake))
             group.start_soon(app.state.notify.run)  # subscriptions: the outbox delivered
         group.start_soon(access.audit.run)
         yield

@@ -202,12 +202,17 @@ class Gateway:
         ``study.*`` events); how many were announced."""
         return len(self.registry.announce(self.config.changes_quiet, time.time()))
 
-    async def announce_forever(self, period: float = ANNOUNCE_PERIOD) -> None:
-        """Announce quiet studies every ``period`` seconds; errors are logged, the loop goes on
-        (what was not announced is announced by a later pass, on this node or another)."""
+    async def announce_forever(
+        self, period: float = ANNOUNCE_PERIOD, announced: Callable[[], None] | None = None
+    ) -> None:
+        """Announce quiet studies every ``period`` seconds, calling ``announced`` after a pass
+        that announced some (the subscription worker starts delivering at once); errors are
+        logged, the loop goes on (what was not announced is announced by a later pass, on this
+        node or another)."""
         while True:
             try:
-                await anyio.to_thread.run_sync(self.announce)
+                if await anyio.to_thread.run_sync(self.announce) and announced is not None:
+                    announced()
             except GatewayError as exc:
                 log.error("change feed: announcing failed: %s", exc.message)
             except Exception:  # keep the announcer alive whatever one pass hits

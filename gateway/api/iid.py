@@ -3,10 +3,10 @@ studies, or on a patient's study list, by a URL.
 
     GET    /IHEInvokeImageDisplay  ?requestType=STUDY&studyUID=...[&priors=N] | PATIENT&patientID=...
 
-``priors=N`` (a gateway extension, 0 to 5, 0 by default: the profile's URL opens what it names)
-opens the first study with its N best relevant priors beside it (``gateway.api.priors``: the
-patient's other studies the caller may see, sharing its modality or body region); OHIF takes
-several studies as one comma-separated ``StudyInstanceUIDs``.
+``priors=N`` (a gateway extension, 0 to 5) opens the first study with its N best relevant priors
+beside it (``gateway.api.priors``: the patient's other studies the caller may see, sharing its
+modality or body region); by default 2 when one study is named, 0 when several are (the caller
+chose what to open). OHIF takes several studies as one comma-separated ``StudyInstanceUIDs``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = ["ROUTES", "invoke_image_display"]
 
 _IID_STUDIES = 100  # studies one Invoke Image Display may open
 _IID_PRIORS = 5  # priors one may ask to open beside the first study
+_IID_DEFAULT_PRIORS = 2  # opened beside a single study unless priors=0
 
 
 async def invoke_image_display(request: Request) -> Response:
@@ -42,7 +43,9 @@ async def invoke_image_display(request: Request) -> Response:
             raise RequestError("studyUID: required for requestType=STUDY")
         if len(studies) > _IID_STUDIES:
             raise RequestError(f"studyUID: at most {_IID_STUDIES} studies")
-        wanted = params.get("priors", "0")
+        # One study named: a radiologist opening it wants its best priors beside it (issue: the
+        # viewer opens the current study with its priors); several named: the caller chose.
+        wanted = params.get("priors", str(_IID_DEFAULT_PRIORS) if len(studies) == 1 else "0")
         if not (wanted.isascii() and wanted.isdigit() and int(wanted) <= _IID_PRIORS):
             raise RequestError(f"priors: an integer from 0 to {_IID_PRIORS} is required")
         patients: list[str] = []

@@ -91,6 +91,7 @@ class Dispatcher:
         self.base_url = base_url
         self.audit = audit
         self.last = last
+        self._woken: anyio.Event | None = None  # set by ``wake`` while ``run`` waits
         self._limiter = anyio.CapacityLimiter(_THREADS)
         # Outbox writes one at a time: SQLite serialises writers anyway, and its busy handler
         # makes concurrent ones sleep (measured: 3x fewer deliveries per second).
@@ -105,7 +106,9 @@ class Dispatcher:
     # -- the worker --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Passes every ``config.interval`` seconds until cancelled."""
+        """Passes every ``config.interval`` seconds until cancelled, and at once when woken
+        (``wake``: this node announced a study), so an alert does not wait out the interval."""
+        self._woken = anyio.Event()
         while True:
             try:
                 await self.run_once()
@@ -113,7 +116,14 @@ class Dispatcher:
                 log.warning("notify: pass failed (%s); trying again", exc.message)
             except Exception:  # the worker outlives any one pass: the outbox keeps what is owed
                 log.exception("notify: pass failed; trying again")
-            await anyio.sleep(self.config.interval)
+            with anyio.move_on_after(self.config.interval):
+                await self._woken.wait()
+            self._woken = anyio.Event()
+
+    def wake(self) -> None:
+        """Start the next pass now (called on the event loop, by the announcer)."""
+        if self._woken is not None:
+            self._woken.set()
 
     async def run_once(self) -> tuple[int, int]:
         """One pass if no other node is in one: (rows queued, attempts made)."""

@@ -110,7 +110,7 @@ def test_the_links_secret_is_not_stored_nor_audited(site):
 
 def test_iid_opens_the_viewer_on_a_study_the_caller_may_see(site):
     doctor = site.token(PSC, sub="10001")
-    url = f"/IHEInvokeImageDisplay?requestType=STUDY&studyUID={site.studies['alice-1']}"
+    url = f"/IHEInvokeImageDisplay?requestType=STUDY&studyUID={site.studies['alice-1']}&priors=0"
     assert site.get(url, doctor).status_code == 403
     site.post("/api/grants", {"grantee": "10001"}, patient(site))
     response = site.get(url, doctor)

@@ -98,7 +98,7 @@ def test_the_audit_record_names_the_study_and_its_patient(world):
     assert BOB not in record.patients
 
 
-def test_invoke_image_display_opens_the_study_with_its_best_relevant_priors_when_asked(world):
+def test_invoke_image_display_opens_the_study_with_its_best_relevant_priors(world):
     current = world.studies["alice-1"]
     token = granted(world)
     url = f"/IHEInvokeImageDisplay?requestType=STUDY&studyUID={current}"
@@ -109,5 +109,8 @@ def test_invoke_image_display_opens_the_study_with_its_best_relevant_priors_when
     assert shown == [f"{current},{world.studies['alice-2']},{CR}"]
     record = world.records()[-1]
     assert record.action == "viewer.open" and record.patients == (ALICE,)
-    assert world.get(url, token).headers["location"].endswith(f"StudyInstanceUIDs={current}")
+    assert world.get(url + "&priors=0", token).headers["location"].endswith(f"StudyInstanceUIDs={current}")
+    # By default a single study opens with its two best priors.
+    shown = parse_qs(urlsplit(world.get(url, token).headers["location"]).query)["StudyInstanceUIDs"]
+    assert shown == [f"{current},{world.studies['alice-2']},{CR}"]
     assert world.get(url + "&priors=6", token).status_code == 400

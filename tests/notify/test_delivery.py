@@ -246,3 +246,34 @@ def test_a_full_payload_carries_a_valid_imaging_study_and_a_removal_none(site, r
     assert study.endpoint[0].reference == available["entry"][1]["fullUrl"]
     topic = removed["entry"][0]["resource"]["parameter"][1]["valueCanonical"]
     assert topic.endswith("/study-removed") and len(removed["entry"]) == 2
+
+
+def test_a_woken_worker_passes_at_once_not_after_its_interval(site):
+    """The announcer wakes the worker when it announced a study, so an alert does not wait out
+    ``[notify] interval`` (here an hour)."""
+    import anyio
+
+    from gateway.config import NotifyConfig
+
+    worker = dispatcher(site, Feed(), NotifyConfig(interval=3600.0))
+    passes: list[float] = []
+
+    async def counted() -> tuple[int, int]:
+        passes.append(time.monotonic())
+        return 0, 0
+
+    worker.run_once = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker.run)
+            with anyio.fail_after(5):
+                while not passes:
+                    await anyio.sleep(0.01)
+                worker.wake()
+                while len(passes) < 2:
+                    await anyio.sleep(0.01)
+            group.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert len(passes) == 2 and passes[1] - passes[0] < 1.0
