@@ -29,11 +29,11 @@ from typing import Any
 
 import orjson
 
+from gateway.registry.database import in_chunks
 from gateway.registry.record import InstanceRecord
 
 __all__ = ["Verdict", "arbitrate", "fingerprint"]
 
-_IN_LIST = 500
 
 
 def fingerprint(record: InstanceRecord) -> str:
@@ -119,8 +119,7 @@ def arbitrate(conn: Any, source: str, ranks: Mapping[str, int], records: Sequenc
 def _rows(conn: Any, sql: str, keys: list[str]) -> dict[str, list[tuple[Any, ...]]]:
     """``sql`` ends with the key column; the rows for ``keys``, grouped by key."""
     found: dict[str, list[tuple[Any, ...]]] = {}
-    for start in range(0, len(keys), _IN_LIST):
-        chunk = keys[start : start + _IN_LIST]
+    for chunk in in_chunks(keys):
         for row in conn.execute(f"{sql} IN ({','.join('?' * len(chunk))})", chunk).fetchall():
             found.setdefault(row[0], []).append(tuple(row[1:]) if len(row) > 2 else (row[1],))
     return found

@@ -32,10 +32,10 @@ not a loss to wait for.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.registry.database import in_chunks
 from gateway.registry.qido import restricted
 from gateway.types import Change, Restriction
 
@@ -49,7 +49,6 @@ _INSERT = (
     "INSERT INTO changes (time, kind, source, StudyInstanceUID, SeriesInstanceUID, patient, instances) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-_IN_LIST = 500  # values in one IN (...): far below SQLite's and PostgreSQL's parameter limits
 _ANNOUNCE_AT_ONCE = 500  # studies announced per transaction: keeps the ordering lock short
 
 
@@ -140,7 +139,7 @@ def announce(conn: Any, dialect: str, quiet_seconds: float, now: float) -> list[
         return []
     uids = [row[0] for row in rows]
     current: dict[str, tuple[str | None, int]] = {}
-    for chunk in _chunks(uids):
+    for chunk in in_chunks(uids):
         marks = ",".join("?" * len(chunk))
         for uid, ins, count in conn.execute(
             "SELECT st.StudyInstanceUID, p.INS, st.NumberOfStudyRelatedInstances FROM studies st "
@@ -226,7 +225,7 @@ def _lock(conn: Any, dialect: str) -> None:
 def _patients(conn: Any, studies: list[str]) -> dict[str, str | None]:
     """The INS of each study's patient, for the studies still indexed."""
     found: dict[str, str | None] = {}
-    for chunk in _chunks(studies):
+    for chunk in in_chunks(studies):
         marks = ",".join("?" * len(chunk))
         for uid, ins in conn.execute(
             "SELECT st.StudyInstanceUID, p.INS FROM studies st JOIN patients p ON p.id = st.patient "
@@ -237,6 +236,3 @@ def _patients(conn: Any, studies: list[str]) -> dict[str, str | None]:
     return found
 
 
-def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(values), _IN_LIST):
-        yield values[start : start + _IN_LIST]

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from gateway import dburl
 from gateway.errors import RegistryError
 
-__all__ = ["Database", "Row", "open_database", "SQLiteDatabase", "PostgresDatabase"]
+__all__ = ["IN_LIST", "in_chunks", "Database", "Row", "open_database", "SQLiteDatabase", "PostgresDatabase"]
 
 
 class Row(Protocol):
@@ -67,6 +67,15 @@ def open_database(
     if dburl.is_postgresql(url):
         return PostgresDatabase(url, canonical, meta)
     raise RegistryError(f"registry url: {dburl.check(url)}")
+
+
+IN_LIST = 500  # values in one IN (...): far below SQLite's (32,766) and PostgreSQL's (65,535) limits
+
+
+def in_chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """``values`` in slices of at most ``IN_LIST``, one ``IN (...)`` each."""
+    for start in range(0, len(values), IN_LIST):
+        yield values[start : start + IN_LIST]
 
 
 # -- SQLite ------------------------------------------------------------------------------------

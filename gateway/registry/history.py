@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.registry.database import in_chunks
 from gateway.registry.qido import restricted
 from gateway.types import Restriction
 
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 MAX_PAGE = 1000  # studies one call returns at most (a patient with more is paged)
-_IN_LIST = 500  # UIDs in one IN (...), far below both databases' parameter limits
 _DATE = re.compile(r"\d{8}")
 # PS3.3 C.7.3.1: AnatomicRegionSequence; the code of its item says what the series shows.
 _ANATOMIC_REGION, _CODE_VALUE, _SCHEME = "00082218", "00080100", "00080102"
@@ -151,8 +151,7 @@ def study_summaries(registry: Registry, uids: Sequence[str], anatomy: bool = Fal
     studies: dict[str, tuple[Any, ...]] = {}
     series: dict[str, list[SeriesSummary]] = {uid: [] for uid in uids}
     sources: dict[str, set[str]] = {uid: set() for uid in uids}
-    for start in range(0, len(uids), _IN_LIST):
-        chunk = uids[start : start + _IN_LIST]
+    for chunk in in_chunks(uids):
         marks = ",".join("?" * len(chunk))
         for row in registry.query(
             "SELECT st.StudyInstanceUID, st.StudyDate, st.StudyTime, st.StudyDescription, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gateway.registry.database import Row
+from gateway.registry.database import Row, in_chunks
 from gateway.registry.qido import MAX_RESULTS, compile_query, count_named, name_match, names_first_below
 from gateway.types import Level, Query
 
@@ -36,7 +36,6 @@ _FIRST_INSTANCE = {
     "ORDER BY x.SeriesNumber, x.SeriesInstanceUID LIMIT 1) "
     "ORDER BY z.InstanceNumber, z.SOPInstanceUID LIMIT 1) FROM studies st WHERE st.StudyInstanceUID IN ({})",
 }
-_IN_LIST = 500  # UIDs in one IN (...): far below both databases' parameter limits
 
 
 def plan_query(registry: Registry, query: Query) -> tuple[str, list[Any], int]:
@@ -84,8 +83,7 @@ def first_instances(registry: Registry, level: Level, uids: Sequence[str]) -> di
     instance (by ``level``) that ``uids`` name; a UID without one is left out."""
     uids = list(dict.fromkeys(uids))
     out: dict[str, bytes] = {}
-    for start in range(0, len(uids), _IN_LIST):
-        chunk = uids[start : start + _IN_LIST]
+    for chunk in in_chunks(uids):
         sql = _FIRST_INSTANCE[level].format(",".join("?" * len(chunk)))
         for uid, metadata in registry.query(sql, chunk):
             if metadata is not None:

@@ -8,13 +8,14 @@ gathers what the change feed will say of the transaction (``changes``), None to 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import orjson
 
 from gateway.registry.arbitration import Verdict, arbitrate, fingerprint
 from gateway.registry.changes import Pending
+from gateway.registry.database import in_chunks
 from gateway.registry.record import InstanceRecord
 from gateway.registry.schema import AGGREGATE, INSTANCE_COLUMNS, PATIENT_COLUMNS
 from gateway.types import PixelInfo
@@ -164,7 +165,7 @@ def _homes(conn: Any, instances: list[str], series: list[str]) -> tuple[set[str]
     """The series and studies these instances and series are in now (before a write moves them)."""
     homes: set[str] = set()
     studies: set[str] = set()
-    for chunk in _chunks(instances):
+    for chunk in in_chunks(instances):
         marks = ",".join("?" * len(chunk))
         for series_uid, study_uid in conn.execute(
             "SELECT i.SeriesInstanceUID, se.StudyInstanceUID FROM instances i LEFT JOIN series se "
@@ -174,7 +175,7 @@ def _homes(conn: Any, instances: list[str], series: list[str]) -> tuple[set[str]
             homes.add(series_uid)
             if study_uid:
                 studies.add(study_uid)
-    for chunk in _chunks(series):
+    for chunk in in_chunks(series):
         marks = ",".join("?" * len(chunk))
         rows = conn.execute(
             f"SELECT StudyInstanceUID FROM series WHERE SeriesInstanceUID IN ({marks})", chunk
@@ -217,7 +218,7 @@ def _recount(conn: Any, dialect: str, series: list[str], studies: list[str]) -> 
     """Bring the stored counts and ModalitiesInStudy of these series and studies up to date
     (PS3.18 Table 10.6.3-3's computed attributes). Kept as columns, so that QIDO reads them:
     computed per answer, they were most of a 1,000-result page's SQL (bench/scale.py)."""
-    for chunk in _chunks(series):
+    for chunk in in_chunks(series):
         conn.execute(
             "UPDATE series SET NumberOfSeriesRelatedInstances = (SELECT COUNT(*) FROM instances y "
             "WHERE y.SeriesInstanceUID = series.SeriesInstanceUID) "
@@ -225,7 +226,7 @@ def _recount(conn: Any, dialect: str, series: list[str], studies: list[str]) -> 
             chunk,
         )
     aggregate = AGGREGATE[dialect]
-    for chunk in _chunks(studies):
+    for chunk in in_chunks(studies):
         conn.execute(
             "UPDATE studies SET "
             f"ModalitiesInStudy = (SELECT {aggregate} FROM series x "
@@ -261,7 +262,7 @@ def remove_paths(
     study and patient left empty), then recount the series and studies that remain, once:
     recounted per removed instance, dropping a 10,000-instance series took 2.7 s."""
     held: list[str] = []
-    for chunk in _chunks(paths):
+    for chunk in in_chunks(paths):
         marks = ",".join("?" * len(chunk))
         conn.execute(f"DELETE FROM rejects WHERE source=? AND path IN ({marks})", (source, *chunk))
         conn.execute(f"DELETE FROM conflicts WHERE source=? AND path IN ({marks})", (source, *chunk))
@@ -333,7 +334,7 @@ def _upsert_patients(
         words += [
             (word, patient_id) for word in sorted(set((patient.get("PatientName_words") or "").split()))
         ]
-    for chunk in _chunks(list(ids.values())):
+    for chunk in in_chunks(list(ids.values())):
         conn.execute(f"DELETE FROM patient_words WHERE patient IN ({','.join('?' * len(chunk))})", chunk)
     if words:
         conn.executemany("INSERT INTO patient_words VALUES (?, ?)", words)
@@ -345,12 +346,8 @@ _LOCATION_COLUMNS = (
     "frames", "frame_error", "swap",
 )  # fmt: skip
 _CONFLICT_COLUMNS = ("source", "path", "size", "mtime_ns", "SOPInstanceUID", "reason")
-_IN_LIST = 500  # values in one IN (...): far below SQLite's and PostgreSQL's parameter limits
 
 
-def _chunks(values: list[Any]) -> Iterator[list[Any]]:
-    for start in range(0, len(values), _IN_LIST):
-        yield values[start : start + _IN_LIST]
 
 
 def _upsert_sql(table: str, names: Sequence[str], key: str) -> str:
