@@ -65,6 +65,7 @@ def create_app(gateway: Gateway, harvest: bool = False, access: Access | None = 
         gateway.config.server.base_url,
         access.audit.append,
         last=gateway.registry.last_change,
+        namespaces={issuer.issuer: issuer.organizations_of for issuer in access.config.issuers},
     )
     wrapped = AccessMiddleware(FramesFastPath(app, state), access)
     wrapped.starlette = app  # the route table, for tests that must cover every route

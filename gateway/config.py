@@ -140,13 +140,20 @@ class Issuer:
     audience: str
     jwks_url: str | None = None
     jwks_file: Path | None = None
-    role: str = "professional"  # the role of this issuer's users: "professional" or "patient"
+    # The role of this issuer's tokens: "professional", "patient", or "system": software (an EHR,
+    # a RIS) with its own credentials, an OAuth 2.0 client-credentials token (RFC 6749 4.4) whose
+    # subject is the client (RFC 9068 2.2), acting for the organization the token names.
+    role: str = "professional"
     id_claim: str = "sub"  # the professional's id (RPPS) or the patient's subject
     ins_claim: str = "ins"  # patients: their INS
     organization_claim: str = "organization"  # professionals: their organization (FINESS)
     roles_claim: str = "roles"  # a list (or string) of role names in the token
     emergency_roles: tuple[str, ...] = ()  # role names that may open emergency access
     leeway: float = 30.0  # seconds of clock skew allowed on exp / nbf / iat
+    # System issuers: the professional issuer whose organization identifiers this one's
+    # organization claims are (a patient's grant to "org:<that issuer>|<FINESS>" then reaches the
+    # organization's software too); None: its own.
+    organizations_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -352,8 +359,9 @@ def is_loopback(host: str) -> bool:
 
 _ISSUER_KEYS = {
     "issuer", "audience", "jwks_url", "jwks_file", "role", "id_claim", "ins_claim",
-    "organization_claim", "roles_claim", "emergency_roles", "leeway",
+    "organization_claim", "roles_claim", "emergency_roles", "leeway", "organizations_of",
 }  # fmt: skip
+_ROLES = ("professional", "patient", "system")  # of an issuer's tokens
 
 
 def _auth(table: dict[str, Any], base: Path) -> AuthConfig:
@@ -378,6 +386,13 @@ def _auth(table: dict[str, Any], base: Path) -> AuthConfig:
             "auth: no issuer configured; add [[auth.issuers]] (OpenID Connect), or set auth.open = true "
             "for a demo without authentication"
         )
+    professionals = {i.issuer for i in issuers if i.role == "professional"}
+    for i, item in enumerate(issuers):
+        if item.organizations_of is not None and item.organizations_of not in professionals:
+            raise ConfigError(
+                f"auth.issuers[{i}].organizations_of: {item.organizations_of!r} is not a configured "
+                "professional issuer"
+            )
     origins = _typed(table, "auth.cors_origins", list, [])
     if not all(isinstance(origin, str) for origin in origins):
         raise ConfigError("auth.cors_origins: expected a list of origins (https://viewer.example)")
@@ -405,8 +420,11 @@ def _issuer(item: Any, where: str, base: Path) -> Issuer:
     if (jwks_url is None) == (jwks_file is None):
         raise ConfigError(f"{where}: give one of jwks_url (the issuer's keys) or jwks_file (offline)")
     role = _typed(item, f"{where}.role", str, "professional")
-    if role not in ("professional", "patient"):
-        raise ConfigError(f"{where}.role: {role!r} is not professional or patient")
+    if role not in _ROLES:
+        raise ConfigError(f"{where}.role: {role!r} is not one of {', '.join(_ROLES)}")
+    organizations_of = _typed(item, f"{where}.organizations_of", str, None)
+    if organizations_of is not None and role != "system":
+        raise ConfigError(f'{where}.organizations_of: only for a system issuer (role = "system")')
     emergency = _typed(item, f"{where}.emergency_roles", list, [])
     strings = {key: _typed(item, f"{where}.{key}", str, getattr(Issuer, key)) for key in (
         "id_claim", "ins_claim", "organization_claim", "roles_claim")}  # fmt: skip
@@ -421,6 +439,7 @@ def _issuer(item: Any, where: str, base: Path) -> Issuer:
         role=role,
         emergency_roles=tuple(str(name) for name in emergency),
         leeway=float(_typed(item, f"{where}.leeway", (int, float), 30.0)),
+        organizations_of=organizations_of,
         **strings,
     )
 

@@ -127,8 +127,25 @@ REGISTRY = "[registry]\nurl='sqlite:///a.db'\n"
             "[[auth.issuers]]\nissuer='https://i'\naudience='gw'\njwks_file='k'\nrole='admin'\n",
             "auth.issuers[0].role",
         ),
+        (
+            "[[auth.issuers]]\nissuer='https://i'\naudience='gw'\njwks_file='k'\norganizations_of='https://i'\n",
+            "only for a system issuer",
+        ),
+        (
+            "[[auth.issuers]]\nissuer='https://c'\naudience='gw'\njwks_file='k'\nrole='system'\n"
+            "organizations_of='https://psc'\n",
+            "'https://psc' is not a configured professional issuer",
+        ),
     ],
-    ids=["no-auth", "open-type", "no-audience", "no-keys", "bad-role"],
+    ids=[
+        "no-auth",
+        "open-type",
+        "no-audience",
+        "no-keys",
+        "bad-role",
+        "namespace-of-a-professional",
+        "namespace-unknown",
+    ],
 )
 def test_access_control_must_be_configured_or_explicitly_open(tmp_path, auth, words):
     with pytest.raises(ConfigError) as error:

@@ -63,16 +63,19 @@ _CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}  # RFC 7518 3.4
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller. ``role`` is "patient", "professional", "link", "open" or "anonymous"."""
+    """The caller. ``role`` is "patient", "professional", "system" (software with its own
+    credentials, acting for an organization), "link", "open" or "anonymous"."""
 
     role: str
-    actor: str  # RPPS / patient subject / "link:<id>" / "anonymous"
+    actor: str  # RPPS / patient subject / system client id / "link:<id>" / "anonymous"
     issuer: str | None = None  # the token's issuer: a subject means something only within it
     ins: str | None = None  # patients: their INS
-    organization: str | None = None  # professionals
+    organization: str | None = None  # professionals and system clients
     emergency: bool = False  # professionals holding an emergency role (SAMU, centre 15)
     study: str | None = None  # link sessions: the one study they may see
     link: str | None = None  # link sessions: the link's id
+    # System clients: the issuer that names their organization (``Issuer.organizations_of``).
+    namespace: str | None = None
 
     @property
     def key(self) -> str:
@@ -82,9 +85,20 @@ class Principal:
         return f"{self.issuer}|{self.actor}" if self.issuer else self.actor
 
     @property
+    def consents(self) -> bool:
+        """Does what this caller sees come from patients' grants (professionals and system
+        clients), checked at each use?"""
+        return self.role in ("professional", "system")
+
+    @property
     def grantee_keys(self) -> tuple[str, ...]:
-        """What a patient's grant may name to reach this professional: them or their organization,
-        each as named by this professional's issuer."""
+        """What a patient's grant may name to reach this caller. A professional: them or their
+        organization, each as named by their issuer. A system client: its organization only (a
+        grant is made to people or to organizations, never to a piece of software), as named by
+        the issuer its organizations belong to."""
+        if self.role == "system":
+            namespace = self.namespace or self.issuer or ""
+            return (grantee_key("org", namespace, self.organization),) if self.organization else ()
         keys = [grantee_key("pro", self.issuer or "", self.actor)]
         if self.organization:
             keys.append(grantee_key("org", self.issuer or "", self.organization))
@@ -399,6 +413,20 @@ def _principal(claims: dict[str, Any], issuer: Issuer) -> Principal:
         if not isinstance(ins, str) or not ins:
             raise Unauthenticated(f"patient token lacks the {issuer.ins_claim!r} claim (the patient's INS)")
         return Principal(role="patient", actor=actor, issuer=issuer.issuer, ins=ins)
+    if issuer.role == "system":
+        # A client acts for its organization: without one, no grant could ever reach it.
+        organization = claims.get(issuer.organization_claim)
+        if not isinstance(organization, str | int) or isinstance(organization, bool) or not str(organization):
+            raise Unauthenticated(
+                f"system token lacks the {issuer.organization_claim!r} claim (the organization it acts for)"
+            )
+        return Principal(
+            role="system",
+            actor=actor,
+            issuer=issuer.issuer,
+            organization=str(organization),
+            namespace=issuer.organizations_of,
+        )
     roles = claims.get(issuer.roles_claim) or []
     roles = [roles] if isinstance(roles, str) else [str(r) for r in roles if isinstance(r, str | int)]
     organization = claims.get(issuer.organization_claim)

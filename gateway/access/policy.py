@@ -4,6 +4,9 @@
 - A professional sees a patient's studies when the patient granted access to them or to their
   organization (revocable, optionally expiring), or during an emergency access they opened with a
   reason (roles configured as emergency only; time-limited; audited; visible to the patient).
+- A system client (an EHR or a RIS with its own credentials) sees a patient's studies when the
+  patient granted access to its organization; never by emergency rules. It gets a professional's
+  refusals.
 - A study link's session sees that one study, read-only.
 - A study its patient hid is seen by nobody else, emergency access and links included.
 - Open access (a configured demo) sees everything.
@@ -98,7 +101,7 @@ class Policy:
             return Restriction(
                 studies=frozenset({principal.study}), hidden=frozenset({principal.study} if gone else ())
             )
-        if principal.role == "professional":
+        if principal.consents:  # a professional or a system client
             patients = self.store.granted_patients(principal.grantee_keys, now)
             patients |= self.store.emergency_patients(principal.key, now)
             hidden = self.store.hidden_of(patients)
@@ -154,7 +157,7 @@ class Policy:
             return Unauthenticated("credentials are needed (Authorization: Bearer <token>, or a study link)")
         if principal.role == "patient":
             return StudyAccess(patient, False) if patient == principal.ins else _unseen(f"patient {patient}")
-        if principal.role == "professional":
+        if principal.consents:
             return self._consented(principal, patient, time.time()) or _no_access(
                 principal, f"patient {patient}"
             )
@@ -171,7 +174,7 @@ class Policy:
 
     def emergency_among(self, principal: Principal, patients: set[str]) -> bool:
         """Did ``principal`` see any of ``patients`` by emergency rules only (for the audit)?"""
-        if principal.role != "professional" or not patients:
+        if not principal.consents or not patients:
             return False
         now = time.time()
         urgent = self._cached(

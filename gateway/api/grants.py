@@ -29,11 +29,16 @@ async def create_grant(request: Request) -> Response:
     principal = patient(request)
     body = await read_json(request)
     grantee = required_string(body, "grantee")
-    professional_issuers = [i.issuer for i in access.config.issuers if i.role == "professional"]
-    issuer = _grantee_issuer(body, professional_issuers)
     kind, _, identifier = (
         grantee.rpartition(":") if grantee.startswith(("org:", "pro:")) else ("pro", "", grantee)
     )
+    professional_issuers = [i.issuer for i in access.config.issuers if i.role == "professional"]
+    # An organization may also be named within a system issuer that names its own (its clients
+    # are reached by that grant); people are named only by professional issuers.
+    own_namespaces = [
+        i.issuer for i in access.config.issuers if i.role == "system" and i.organizations_of is None
+    ]
+    issuer = _grantee_issuer(body, professional_issuers, own_namespaces if kind == "org" else [])
     if not identifier or "|" in identifier:
         raise RequestError("grantee: an RPPS, pro:<RPPS> or org:<FINESS>")
     key = grantee_key(kind, issuer, identifier)
@@ -59,14 +64,15 @@ async def revoke_grant(request: Request) -> Response:
     return Response(status_code=204)
 
 
-def _grantee_issuer(body: dict[str, Any], issuers: list[str]) -> str:
-    """The issuer a grant names its grantee within: the body's ``issuer``, or the one
-    professional issuer configured. An RPPS means someone only at the issuer that vouches for it."""
+def _grantee_issuer(body: dict[str, Any], issuers: list[str], also: list[str]) -> str:
+    """The issuer a grant names its grantee within: the body's ``issuer`` (one of ``issuers`` or
+    ``also``), or the one professional issuer configured. An RPPS means someone only at the
+    issuer that vouches for it."""
     named = body.get("issuer")
     if named is not None:
-        if named not in issuers:
+        if named not in issuers + also:
             raise RequestError(
-                f"issuer: not one of the professional issuers ({', '.join(issuers) or 'none'})"
+                f"issuer: not one of the professional issuers ({', '.join(issuers + also) or 'none'})"
             )
         return str(named)
     if len(issuers) != 1:

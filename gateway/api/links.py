@@ -30,6 +30,8 @@ __all__ = ["ROUTES", "create_link", "list_links", "revoke_link", "use_link"]
 async def create_link(request: Request) -> Response:
     access = access_of(request)
     principal = caller(request)
+    if principal.role == "system":  # a link is a person's act of sharing, audited under their name
+        raise Forbidden("study links are made by a patient or a professional, not by a system client")
     noted = audit_of(request.scope)
     body = await read_json(request)
     study = required_string(body, "StudyInstanceUID")

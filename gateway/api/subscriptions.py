@@ -1,6 +1,6 @@
-"""Subscriptions: a professional (or a system client, an EHR or a RIS with its own token from a
-professional issuer) asks to be told when a study of a patient who granted them arrives, changes
-or goes.
+"""Subscriptions: a professional, or a system client (an EHR or a RIS with its own token from a
+``system`` issuer, acting for its organization), asks to be told when a study of a patient who
+granted them (or their organization) arrives, changes or goes.
 
     POST   /api/subscriptions        {"channel": {"type": "rest-hook", "endpoint": "https://…",
                                       "header"?: "Authorization: Bearer …"}
@@ -52,8 +52,11 @@ def _dispatcher(request: Request) -> Dispatcher:
 
 def _subscriber(request: Request) -> Any:
     principal = caller(request)
-    if principal.role != "professional":
-        raise Forbidden("only a professional or a system client can subscribe (a professional token)")
+    if not principal.consents:
+        raise Forbidden(
+            "only a professional or a system client can subscribe (a token of a professional or "
+            "system issuer): a subscription is derived from patients' grants"
+        )
     return principal
 
 

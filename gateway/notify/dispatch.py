@@ -29,7 +29,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,13 +60,18 @@ _CONCURRENCY = 32  # subscribers served at once
 _THREADS = 8  # worker threads for the dispatcher's database calls
 
 
-def owner(subscription: Subscription) -> Principal:
-    """The principal a subscription acts for: its owner as they were when subscribing."""
+def owner(subscription: Subscription, namespaces: Mapping[str, str | None] | None = None) -> Principal:
+    """The principal a subscription acts for: its owner as they were when subscribing. A system
+    client's organization is named as its issuer's configuration says now (``namespaces``:
+    issuer -> ``organizations_of``), so an operator who withdraws that trust stops its events."""
     return Principal(
         role=subscription.role,
         actor=subscription.subject,
         issuer=subscription.issuer,
         organization=subscription.organization,
+        namespace=(namespaces or {}).get(subscription.issuer or "")
+        if subscription.role == "system"
+        else None,
     )
 
 
@@ -80,10 +85,12 @@ class Dispatcher:
         base_url: str,
         audit: Callable[[AuditRecord], None],
         last: Callable[[], int] | None = None,
+        namespaces: Mapping[str, str | None] | None = None,
     ) -> None:
         """``feed``: the change feed (``Registry.changes``); None: nothing is fanned out (what is
         already queued is still delivered). ``audit``: where each attempt's record goes.
-        ``last``: the feed's greatest seq (``Registry.last_change``), else read to its end."""
+        ``last``: the feed's greatest seq (``Registry.last_change``), else read to its end.
+        ``namespaces``: each issuer's ``organizations_of`` (system clients' subscriptions)."""
         self.store = store
         self.policy = policy
         self.feed = feed
@@ -91,6 +98,7 @@ class Dispatcher:
         self.base_url = base_url
         self.audit = audit
         self.last = last
+        self.namespaces = dict(namespaces or {})
         self._woken: anyio.Event | None = None  # set by ``wake`` while ``run`` waits
         self._limiter = anyio.CapacityLimiter(_THREADS)
         # Outbox writes one at a time: SQLite serialises writers anyway, and its busy handler
@@ -187,7 +195,7 @@ class Dispatcher:
             return False  # consent is given per INS: none can cover a study without one
         if subscription.patient is not None and change.patient != subscription.patient:
             return False
-        principal = owner(subscription)
+        principal = owner(subscription, self.namespaces)
         try:
             if change.kind == "study.removed":  # gone from the index: the patient's grant decides
                 if self.policy.store.is_hidden(change.StudyInstanceUID):

@@ -30,7 +30,7 @@ class Subscription:
     id: str
     issuer: str | None  # the owner is (issuer, subject), never a bare subject
     subject: str
-    role: str  # the owner's role when subscribing: "professional"
+    role: str  # the owner's role when subscribing: "professional" or "system"
     organization: str | None  # the owner's organization then: grants to it count
     patient: str | None  # scope: one patient's INS, or None for every patient who granted the owner
     channel: str  # one of CHANNELS

@@ -28,6 +28,8 @@ from tests.conftest import Client
 NIR_OID = "1.2.250.1.213.1.4.8"
 ALICE, BOB = "1800175123456", "2900275654321"  # INS of two patients
 PSC, PORTAL = "https://psc.test/auth", "https://portal.test/auth"
+# Software clients (an EHR, a RIS) with client-credentials tokens; their organizations are PSC's.
+CLIENTS = "https://clients.test/auth"
 
 
 @dataclass
@@ -96,6 +98,12 @@ issuer = "{PORTAL}"
 audience = "gateway"
 jwks_file = "jwks.json"
 role = "patient"
+[[auth.issuers]]
+issuer = "{CLIENTS}"
+audience = "gateway"
+jwks_file = "jwks.json"
+role = "system"
+organizations_of = "{PSC}"
 [[sources]]
 name = "archive"
 kind = "filesystem"

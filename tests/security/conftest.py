@@ -3,4 +3,4 @@
 The access fixtures (a gateway with issuers, patients and their studies) are the access suite's.
 """
 
-from tests.access.conftest import ALICE, BOB, PORTAL, PSC, Site, site  # noqa: F401
+from tests.access.conftest import ALICE, BOB, CLIENTS, PORTAL, PSC, Site, site  # noqa: F401

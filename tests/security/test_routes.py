@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from tests.security.conftest import ALICE, BOB, PORTAL, PSC, Site
+from tests.security.conftest import ALICE, BOB, CLIENTS, PORTAL, PSC, Site
 from tests.security.routes import TABLE, Route, Target, app_routes, of_kind, route_id
 
 MISSING = "1.2.826.0.1.999"  # a UID no source holds
@@ -21,6 +21,11 @@ def patient(site: Site, ins: str = ALICE) -> str:
 
 def doctor(site: Site, rpps: str = "10001") -> str:
     return site.token(PSC, sub=rpps, organization="750000001", roles=["radiologist"])
+
+
+def ris(site: Site, client: str = "ris-1") -> str:
+    """A system client (an EHR or a RIS) of the doctor's organization."""
+    return site.token(CLIENTS, sub=client, organization="750000001")
 
 
 def targets(site: Site) -> dict[str, Target]:
@@ -65,7 +70,7 @@ def test_every_route_is_classified(site):
 
 # -- one answer for "you may not see it" ----------------------------------------------------------
 
-CALLERS = ["professional", "patient", "link"]
+CALLERS = ["professional", "system", "patient", "link"]
 
 
 @pytest.mark.parametrize("caller", CALLERS)
@@ -77,7 +82,8 @@ def test_a_study_one_may_not_see_gets_one_answer_whether_it_exists_is_hidden_or_
     cookie = link_cookie(site, "alice-1", patient(site))
     hidden = site.post("/api/hidden", {"StudyInstanceUID": site.studies["alice-2"]}, patient(site))
     assert hidden.status_code == 201
-    token = {"professional": doctor(site), "patient": patient(site), "link": None}[caller]
+    tokens = {"professional": doctor(site), "system": ris(site), "patient": patient(site), "link": None}
+    token = tokens[caller]
     unseen = ["missing", "bob", "nobody"] + ([] if caller == "patient" else ["alice-2"])
     found = targets(site)
     answers = {
