@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import io
 import logging
@@ -85,11 +87,18 @@ class Gateway:
         self.config = config
         self.registry = registry or Registry(config.registry_url)
         self.registry.ranks = {s.name: s.priority for s in config.sources}
-        # Folders get no ``changed`` yet: a file found changed is refused (502) until the source's
-        # next scheduled harvest indexes it again.
+        # A file a folder finds changed while serving it is refused (502) and harvested again at
+        # once (``_changed``), not at the source's next full scan.
         self.sources: dict[str, Source] = {
-            s.name: make_source(s, learn=functools.partial(self._learn, s.name)) for s in config.sources
+            s.name: make_source(
+                s,
+                learn=functools.partial(self._learn, s.name),
+                changed=functools.partial(self._changed, s.name),
+            )
+            for s in config.sources
         }
+        # Each harvested source's pending changes and the event loop its schedule runs on.
+        self._pending: dict[str, tuple[asyncio.AbstractEventLoop, _Pending]] = {}
         self.federation = Federation(self.sources, {s.name: s.priority for s in config.sources})
 
     def _learn(self, source: str, path: str, data: bytes) -> None:
@@ -114,6 +123,15 @@ class Gateway:
         refused = self.registry.learn(source, path, record, syntax, {"remote": count, "bulk": {}})
         if refused:
             log.warning("source %s: what %s sent was not learnt: %s", source, path, refused)
+
+    def _changed(self, source: str, path: str) -> None:
+        """A served file was found changed since it was indexed (called from a reader thread, or
+        on the event loop): its source harvests that path at once."""
+        found = self._pending.get(source)
+        if found is not None:
+            loop, pending = found
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the gateway is stopping
+                loop.call_soon_threadsafe(pending.add, {path})
 
     def harvest(
         self,
@@ -142,6 +160,7 @@ class Gateway:
         name = source_config.name
         watcher = self.sources[name].watch if source_config.watch else None
         pending = _Pending()
+        self._pending[name] = (asyncio.get_running_loop(), pending)
         stop = anyio.Event()
         async with anyio.create_task_group() as group:
             if watcher is not None:

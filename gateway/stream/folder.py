@@ -24,7 +24,7 @@ What is in the folder is not trusted after indexing, nor while listing it:
   descriptor is checked again. A file that changed is refused with a ``SourceError`` (502) naming
   the source, so the federation tries the instance's next location; the next harvest re-indexes it
   (its size or time differ), and ``changed``, given to the constructor, tells the service, which
-  may schedule that harvest now.
+  harvests that path at once (``Gateway._changed``).
 * Watching (``watch``, unless turned off) reports changed paths as they happen (``gateway.stream.
   watch``); ``scan_paths`` lists just those paths with the checks of ``scan``, so a new file in a
   folder of 100,000 is indexed without walking them all. The full ``scan`` stays the truth.

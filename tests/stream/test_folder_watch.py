@@ -368,3 +368,47 @@ def test_the_memory_source_reports_what_was_added_and_removed(tmp_path, url):
         assert (stats.seen, stats.indexed, stats.removed) == (1, 1, 1)
     finally:
         registry.close()
+
+
+def test_a_file_found_changed_while_served_is_harvested_again_at_once(tmp_path, url, monkeypatch):
+    """Not watched (the watcher would see the write): serving finds the change, refuses it, and
+    the service harvests that path at once instead of at the next full scan an hour away."""
+    folder = tmp_path / NAME
+    files = study(folder / "s1", n=2)
+    watched, runs = Watched(folder, url), Runs(monkeypatch)
+    watched.source_config = replace(watched.source_config, watch=False)
+    source = watched.gateway.sources[NAME]
+
+    async def main() -> None:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                group.start_soon(watched.gateway.harvest_forever, watched.source_config)
+                await until(lambda: runs.full >= 1, "the first full harvest")
+                ds = pydicom.dcmread(files[0])
+                ds.PatientName = "Changed^After^Indexing"
+                ds.save_as(files[0])
+                (location,) = [f for f in all_files(watched) if f.path == "s1/" + files[0].name]
+                with pytest.raises(SourceError, match="changed since it was indexed"):
+                    async for _ in source.aiter_instance(location):
+                        pass
+                await until(
+                    lambda: frozenset({location.path}) in runs.partial, "a harvest of that path", BOUND
+                )
+                (again,) = [f for f in all_files(watched) if f.path == location.path]
+                data = b"".join([chunk async for chunk in source.aiter_instance(again)])
+                assert b"Changed^After^Indexing" in data  # served again, as indexed anew
+                group.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    finally:
+        watched.gateway.registry.close()
+    assert runs.full == 1
+
+
+def all_files(watched: Watched) -> list[Any]:
+    rows = watched.gateway.registry.query("SELECT StudyInstanceUID FROM studies")
+    registry = watched.gateway.registry
+    return [
+        f for row in rows for group in registry.instance_files({"StudyInstanceUID": row[0]}) for f in group
+    ]
