@@ -20,9 +20,9 @@ from starlette.routing import Route
 from gateway import urls
 from gateway.api.common import access_of, run
 from gateway.api.middleware import audit_of
-from gateway.api.priors import best_priors
 from gateway.errors import RequestError
 from gateway.redact import escape
+from gateway.registry.priors import best_priors
 
 __all__ = ["ROUTES", "invoke_image_display"]
 

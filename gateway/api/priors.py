@@ -23,16 +23,13 @@ from gateway.api.middleware import audit_of
 from gateway.errors import RequestError
 from gateway.redact import escape
 from gateway.registry.history import StudySummary, study_history
-from gateway.registry.priors import Prior, modalities_of, rank_priors, regions_of
-from gateway.registry.store import Registry
-from gateway.types import Restriction
+from gateway.registry.priors import CANDIDATES, Prior, modalities_of, rank_priors, regions_of
 
 __all__ = [
-    "ROUTES", "relevant_priors", "prior_json", "best_priors", "DEFAULT_LIMIT", "MAX_LIMIT", "CANDIDATES",
+    "ROUTES", "relevant_priors", "prior_json", "DEFAULT_LIMIT", "MAX_LIMIT",
 ]  # fmt: skip
 
 DEFAULT_LIMIT, MAX_LIMIT = 5, 50
-CANDIDATES = 500  # the patient's most recent studies ranked (a longer history: its newest 500)
 _KNOWN = ("StudyInstanceUID", "limit")
 
 
@@ -73,17 +70,6 @@ async def relevant_priors(request: Request) -> Response:
             "priors": [prior_json(prior) for prior in ranked],
         }
     )
-
-
-def best_priors(registry: Registry, study: str, restriction: Restriction | None, count: int) -> list[Prior]:
-    """The ``count`` best priors of ``study`` that share its modality or body region (recency
-    alone does not make a study worth opening beside another): what the viewer opens with it.
-    Blocking: run it in a worker thread."""
-    current, others = study_history(registry, study, restriction, CANDIDATES)
-    if current is None:
-        return []
-    ranked = rank_priors(current, others.studies, CANDIDATES)
-    return [p for p in ranked if any(r.rule in ("modality", "region") for r in p.reasons)][:count]
 
 
 def prior_json(prior: Prior) -> dict[str, Any]:

@@ -26,9 +26,14 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING
 
 from gateway.fhir.bodysite import term_of_code
-from gateway.registry.history import StudySummary
+from gateway.registry.history import StudySummary, study_history
+from gateway.types import Restriction
+
+if TYPE_CHECKING:
+    from gateway.registry.store import Registry
 
 __all__ = [
     "Reason",
@@ -39,8 +44,11 @@ __all__ = [
     "regions_of",
     "modalities_of",
     "rank_priors",
+    "best_priors",
+    "CANDIDATES",
 ]
 
+CANDIDATES = 500  # the patient's most recent studies ranked (a longer history: its newest 500)
 POINTS = {"modality": 4, "region": 3, "recent": 2, "older": 1, "last": 1}
 _RECENT_DAYS, _OLDER_DAYS = 366, 5 * 366
 
@@ -171,6 +179,17 @@ def rank_priors(
         ranked.append(Prior(study, sum(r.points for r in reasons), tuple(reasons)))
     ranked.sort(key=lambda p: (-p.score, _newest_first(p.study)))
     return ranked[:limit]
+
+
+def best_priors(registry: Registry, study: str, restriction: Restriction | None, count: int) -> list[Prior]:
+    """The ``count`` best priors of ``study`` that share its modality or body region (recency
+    alone does not make a study worth opening beside another): what a viewer opens with it (IHE
+    Invoke Image Display) and what prefetch warms. Blocking: run it in a worker thread."""
+    current, others = study_history(registry, study, restriction, CANDIDATES)
+    if current is None:
+        return []
+    ranked = rank_priors(current, others.studies, CANDIDATES)
+    return [p for p in ranked if any(r.rule in ("modality", "region") for r in p.reasons)][:count]
 
 
 def _newest_first(study: StudySummary) -> tuple[int, str, str, str]:
