@@ -17,6 +17,7 @@ File layout::
 
     [changes]
     quiet_seconds = 1.0                  # a study is announced once no instance came for this long
+    keep_days = 30                       # events older than this are pruned (0: kept forever)
 
 Environment overrides (they win over the file): GATEWAY_HOST, GATEWAY_PORT, GATEWAY_REGISTRY_URL,
 GATEWAY_DATA_DIR (where the embedded default keeps its SQLite file).
@@ -45,6 +46,7 @@ __all__ = [
     "AuthConfig",
     "Issuer",
     "NotifyConfig",
+    "PrefetchConfig",
     "notify_origin",
     "load_config",
     "default_config",
@@ -61,7 +63,7 @@ _KEYS = {
     "dimse": _COMMON_KEYS
     | _DEADLINE_KEYS
     | {"host", "port", "called_ae", "calling_ae", "retrieve", "move_destination_port"}
-    | {"move_source_ae", "move_listen_host", "max_instance_bytes"},
+    | {"move_source_ae", "move_listen_host", "max_instance_bytes", "prefetch", "ian_port"},
 }
 
 
@@ -117,6 +119,10 @@ class SourceConfig:
     # and the address the Storage SCP listens on (None: the local address that reaches the PACS).
     move_source_ae: str | None = None
     move_listen_host: str | None = None
+    # dimse: where our Instance Availability Notification SCP listens (PS3.4 Annex R), on the
+    # address move_listen_host names, for the PACS calling as called_ae or move_source_ae. None:
+    # no notification is taken, the source is asked again every interval only.
+    ian_port: int | None = None
     # dimse: the largest instance received (C-GET or C-MOVE), refused before it is buffered. Received
     # instances are held in memory, two copies while one arrives (measured: a 128 MiB instance
     # added 259 MiB at peak): 1 GiB holds any CT, MR, CR, mammography and most cine and
@@ -127,6 +133,9 @@ class SourceConfig:
     # filesystem: harvest what the kernel says changed at once, the interval's full scan kept as
     # the safety net (false: the interval alone, e.g. a network mount written by other hosts)
     watch: bool = True
+    # dimse: warm the relevant priors this source holds when a new study of their patient is
+    # announced ([prefetch]; gateway.prefetch)
+    prefetch: bool = False
     priority: int = 0  # lower is tried first when an instance has several locations
     deadlines: Deadlines = field(default_factory=Deadlines)
 
@@ -178,6 +187,20 @@ class NotifyConfig:
     max_backoff: float = 300.0  # seconds between retries at most (doubling from ``first_retry``)
     first_retry: float = 1.0  # seconds before the first retry of a failed delivery
     interval: float = 1.0  # seconds between the worker's passes over the feed and the outbox
+    keep_days: float = 7.0  # settled outbox rows older than this are pruned (0: kept forever)
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """[prefetch] (``gateway.prefetch``): what a new study's announcement warms on the sources
+    with ``prefetch = true``, and its bounds."""
+
+    priors: int = 2  # the best relevant priors warmed, as many as Invoke Image Display opens
+    max_instances: int = 1000  # instances retrieved for one new study, all its priors together
+    # only a study dated within this many days of today is new (a first harvest of an archive
+    # announces its whole history: that is not a patient arriving)
+    within_days: int = 7
+    timeout: float = 300.0  # seconds for one series' retrieval
 
 
 @dataclass(frozen=True)
@@ -193,7 +216,12 @@ class Config:
     data_dir_override: Path | None = None  # [registry] data_dir
     # [changes] quiet_seconds: a study is announced once no instance of it arrived for this long
     changes_quiet: float = 1.0
+    # [changes] keep_days: events older than this are pruned once every subscription has them
+    # (0: kept forever). 30 bounds the feed, which otherwise grows with every harvest, while a
+    # reader away for a month still carries on where it stopped, without re-reading the index.
+    changes_keep_days: float = 30.0
     notify: NotifyConfig = field(default_factory=NotifyConfig)  # [notify]: subscriptions
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)  # [prefetch]: priors warmed
 
     @property
     def registry_path(self) -> Path | str:
@@ -259,7 +287,7 @@ def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> C
 
 
 def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) -> Config:
-    known = {"changes", "server", "registry", "sources", "auth", "access", "notify"}
+    known = {"changes", "server", "registry", "sources", "auth", "access", "notify", "prefetch"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (expected one of {', '.join(sorted(known))})")
@@ -324,9 +352,11 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
     access_url = dburl.anchored(access_url, base)
     auth = _auth(_table(raw, "auth"), base)
     changes_raw = _table(raw, "changes")
-    _only(changes_raw, "changes", {"quiet_seconds"})
+    _only(changes_raw, "changes", {"quiet_seconds", "keep_days"})
     changes_quiet = _seconds(changes_raw, "changes.quiet_seconds", 1.0)
+    changes_keep_days = _days(changes_raw, "changes.keep_days", Config.changes_keep_days)
     notify = _notify(_table(raw, "notify"))
+    prefetch = _prefetch(_table(raw, "prefetch"))
     notes: tuple[str, ...] = ()
     if auth.open and not is_loopback(host):
         notes = (f"auth.open on {host}: anyone who can reach this address sees every study",)
@@ -340,7 +370,9 @@ def _build(raw: dict[str, Any], base: Path, env: dict[str, str], origin: str) ->
         notes=notes,
         data_dir_override=data_dir,
         changes_quiet=changes_quiet,
+        changes_keep_days=changes_keep_days,
         notify=notify,
+        prefetch=prefetch,
     )
 
 
@@ -464,7 +496,8 @@ def notify_origin(url: str) -> str | None:
 
 
 def _notify(table: dict[str, Any]) -> NotifyConfig:
-    _only(table, "notify", {"allowed_origins", "deadline", "max_backoff", "first_retry", "interval"})
+    keys = {"allowed_origins", "deadline", "max_backoff", "first_retry", "interval", "keep_days"}
+    _only(table, "notify", keys)
     origins = _typed(table, "notify.allowed_origins", list, [])
     allowed = []
     for origin in origins:
@@ -480,6 +513,29 @@ def _notify(table: dict[str, Any]) -> NotifyConfig:
         max_backoff=_seconds(table, "notify.max_backoff", NotifyConfig.max_backoff),
         first_retry=_seconds(table, "notify.first_retry", NotifyConfig.first_retry),
         interval=_seconds(table, "notify.interval", NotifyConfig.interval),
+        keep_days=_days(table, "notify.keep_days", NotifyConfig.keep_days),
+    )
+
+
+_MAX_PRIORS = 5  # as Invoke Image Display's ``priors``
+
+
+def _prefetch(table: dict[str, Any]) -> PrefetchConfig:
+    _only(table, "prefetch", {"priors", "max_instances", "within_days", "timeout"})
+    priors = _typed(table, "prefetch.priors", int, PrefetchConfig.priors)
+    if not 1 <= priors <= _MAX_PRIORS:
+        raise ConfigError(f"prefetch.priors: an integer from 1 to {_MAX_PRIORS} is required")
+    most = _typed(table, "prefetch.max_instances", int, PrefetchConfig.max_instances)
+    if most <= 0:
+        raise ConfigError("prefetch.max_instances: must be a positive number of instances")
+    days = _typed(table, "prefetch.within_days", int, PrefetchConfig.within_days)
+    if days < 0:
+        raise ConfigError("prefetch.within_days: must be 0 (today only) or a positive number of days")
+    return PrefetchConfig(
+        priors=priors,
+        max_instances=most,
+        within_days=days,
+        timeout=_seconds(table, "prefetch.timeout", PrefetchConfig.timeout),
     )
 
 
@@ -492,6 +548,10 @@ def _source(item: Any, where: str, base: Path, index: int) -> SourceConfig:
     kind = _typed(item, f"{where}.kind", str, None)
     if kind not in SOURCE_KINDS:
         raise ConfigError(f"{where}.kind: {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+    if "prefetch" in item and kind != "dimse":
+        # Prefetch warms what a source learns on retrieve (a DIMSE PACS's headers) and its
+        # in-memory cache: a folder or a DICOMweb PACS answers at once with everything.
+        raise ConfigError(f"{where}.prefetch: only a dimse source prefetches (it learns on retrieve)")
     _only(item, where, _KEYS[kind])
     interval = _typed(item, f"{where}.interval", (int, float), _DEFAULT_INTERVAL)
     if interval <= 0:
@@ -552,9 +612,13 @@ def _dimse(item: dict[str, Any], where: str, common: dict[str, Any], deadlines: 
     move_port = _typed(item, f"{where}.move_destination_port", int, None)
     if retrieve == "c-move" and move_port is None:
         raise ConfigError(f"{where}.move_destination_port: needed for c-move (where the PACS sends)")
-    for key, number in (("port", port), ("move_destination_port", move_port)):
+    ian_port = _typed(item, f"{where}.ian_port", int, None)
+    for key, number in (("port", port), ("move_destination_port", move_port), ("ian_port", ian_port)):
         if number is not None and not 0 < number <= 65535:
             raise ConfigError(f"{where}.{key}: {number} is outside 1-65535")
+    if ian_port is not None and ian_port == move_port:
+        # Two listeners with other lifetimes and bounds (an instance, a notification) on one address.
+        raise ConfigError(f"{where}.ian_port: {ian_port} is move_destination_port too; give another")
     listen = _typed(item, f"{where}.move_listen_host", str, None)
     if listen is not None:
         try:
@@ -564,6 +628,9 @@ def _dimse(item: dict[str, Any], where: str, common: dict[str, Any], deadlines: 
     max_instance = _typed(item, f"{where}.max_instance_bytes", int, SourceConfig.max_instance_bytes)
     if max_instance <= 0:
         raise ConfigError(f"{where}.max_instance_bytes: must be a positive number of bytes")
+    prefetch = item.get("prefetch", False)
+    if not isinstance(prefetch, bool):
+        raise ConfigError(f"{where}.prefetch: expected true or false, got {prefetch!r}")
     return SourceConfig(
         **common,
         host=host,
@@ -575,6 +642,8 @@ def _dimse(item: dict[str, Any], where: str, common: dict[str, Any], deadlines: 
         move_source_ae=source_ae,
         move_listen_host=listen,
         max_instance_bytes=max_instance,
+        prefetch=prefetch,
+        ian_port=ian_port,
         deadlines=deadlines,
     )
 
@@ -583,6 +652,17 @@ def _seconds(table: dict[str, Any], key: str, default: float) -> float:
     value = _typed(table, key, (int, float), default)
     if value <= 0:
         raise ConfigError(f"{key}: must be a positive number of seconds")
+    return float(value)
+
+
+_MAX_KEEP_DAYS = 36_500.0  # a hundred years: past it, a typo rather than a retention
+
+
+def _days(table: dict[str, Any], key: str, default: float) -> float:
+    """A retention in days: 0 keeps forever."""
+    value = _typed(table, key, (int, float), default)
+    if not 0 <= value <= _MAX_KEEP_DAYS:
+        raise ConfigError(f"{key}: must be a number of days from 0 (kept forever) to {_MAX_KEEP_DAYS:g}")
     return float(value)
 
 

@@ -172,3 +172,84 @@ def test_a_postgresql_registry_keeps_its_files_in_a_data_directory(tmp_path):
     assert "secret" not in str(config.registry_path)  # messages never show the password
     assert config.data_dir == tmp_path / "data"
     assert config.access_database == config.registry_url  # every node sees the same decisions
+
+
+DIMSE = "[[sources]]\nname = 'pacs'\nkind = 'dimse'\nhost = '10.0.0.5'\n"
+
+
+def test_a_dimse_source_opts_in_to_prefetch_and_the_section_bounds_it(tmp_path):
+    text = REGISTRY + "[auth]\nopen=true\n" + DIMSE + "prefetch = true\n"
+    text += "[prefetch]\npriors = 3\nmax_instances = 200\nwithin_days = 0\ntimeout = 60\n"
+    config = load_config(write(tmp_path, text), env={})
+    assert config.sources[0].prefetch
+    assert (config.prefetch.priors, config.prefetch.max_instances) == (3, 200)
+    assert (config.prefetch.within_days, config.prefetch.timeout) == (0, 60.0)
+
+
+def test_prefetch_is_off_by_default_and_bounded_like_invoke_image_display(tmp_path):
+    config = load_config(write(tmp_path, REGISTRY + "[auth]\nopen=true\n" + DIMSE), env={})
+    assert not config.sources[0].prefetch
+    bounds = config.prefetch
+    assert (bounds.priors, bounds.max_instances, bounds.within_days, bounds.timeout) == (2, 1000, 7, 300.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            "[[sources]]\nname='a'\nkind='filesystem'\npath='x'\nprefetch=true\n",
+            "sources[0].prefetch: only a dimse source prefetches",
+        ),
+        (DIMSE + "prefetch = 'yes'\n", "sources[0].prefetch: expected true or false"),
+        ("[prefetch]\npriors = 6\n", "prefetch.priors: an integer from 1 to 5"),
+        ("[prefetch]\npriors = 0\n", "prefetch.priors"),
+        ("[prefetch]\nmax_instances = 0\n", "prefetch.max_instances"),
+        ("[prefetch]\nwithin_days = -1\n", "prefetch.within_days"),
+        ("[prefetch]\ntimeout = 0\n", "prefetch.timeout"),
+        ("[prefetch]\nmax_bytes = 10\n", "prefetch.max_bytes: unknown key"),
+    ],
+    ids=["folder", "type", "too-many", "none", "instances", "days", "timeout", "unknown"],
+)
+def test_a_bad_prefetch_key_is_named(tmp_path, text, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, REGISTRY + "[auth]\nopen=true\n" + text), env={})
+    assert words in error.value.message
+
+
+def test_the_change_feed_is_kept_30_days_by_default_0_keeping_it_forever(tmp_path):
+    base = REGISTRY + "[auth]\nopen=true\n"
+    assert load_config(write(tmp_path, base), env={}).changes_keep_days == 30.0
+    config = load_config(write(tmp_path, base + "[changes]\nkeep_days = 0\n"), env={})
+    assert config.changes_keep_days == 0.0
+    for wrong in ("keep_days = -1", "keep_days = 1e6", "keep_days = true"):
+        with pytest.raises(ConfigError, match="changes.keep_days"):
+            load_config(write(tmp_path, base + f"[changes]\n{wrong}\n"), env={})
+
+
+def test_a_dimse_source_takes_instance_availability_notifications_on_ian_port(tmp_path):
+    base = REGISTRY + "[auth]\nopen=true\n" + DIMSE
+    assert load_config(write(tmp_path, base), env={}).sources[0].ian_port is None
+    assert load_config(write(tmp_path, base + "ian_port = 11113\n"), env={}).sources[0].ian_port == 11113
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (DIMSE + "ian_port = '11113'\n", "sources[0].ian_port: expected int"),
+        (DIMSE + "ian_port = 0\n", "sources[0].ian_port: 0 is outside 1-65535"),
+        (DIMSE + "ian_port = 70000\n", "sources[0].ian_port: 70000 is outside 1-65535"),
+        (
+            DIMSE + "retrieve = 'c-move'\nmove_destination_port = 11112\nian_port = 11112\n",
+            "sources[0].ian_port: 11112 is move_destination_port too",
+        ),
+        (
+            "[[sources]]\nname='a'\nkind='filesystem'\npath='x'\nian_port=11113\n",
+            "sources[0].ian_port: unknown",
+        ),
+    ],
+    ids=["type", "zero", "range", "move-port", "folder"],
+)
+def test_a_bad_ian_port_is_named(tmp_path, text, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, REGISTRY + "[auth]\nopen=true\n" + text), env={})
+    assert words in error.value.message
