@@ -83,6 +83,8 @@ async def _lifespan(app: Starlette, gateway: Gateway, access: Access, harvest: b
             # the change feed's study announcements, each pass that announced waking the worker
             group.start_soon(functools.partial(gateway.announce_forever, announced=app.state.notify.wake))
             group.start_soon(app.state.notify.run)  # subscriptions: the outbox delivered
+            # retention of the feed and the outbox, hourly
+            group.start_soon(gateway.prune_forever, app.state.notify.store)
         group.start_soon(access.audit.run)
         yield
         group.cancel_scope.cancel()

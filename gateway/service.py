@@ -18,6 +18,7 @@ from gateway.codec import framemap
 from gateway.codec.dicomfile import read_header
 from gateway.config import Config, SourceConfig
 from gateway.errors import ConfigError, GatewayError
+from gateway.notify.store import SubscriptionStore
 from gateway.registry.harvest import harvest
 from gateway.registry.record import build_record
 from gateway.registry.store import Registry, SourceStats
@@ -32,6 +33,8 @@ __all__ = ["Gateway", "make_source"]
 log = logging.getLogger("gateway")
 
 ANNOUNCE_PERIOD = 0.25  # seconds between the announcer's looks for quiet studies (an index probe)
+PRUNE_PERIOD = 3600.0  # seconds between retention passes over the change feed and the outbox
+_DAY = 86400.0
 
 
 def make_source(
@@ -236,6 +239,37 @@ class Gateway:
                 log.error("change feed: announcing failed: %s", exc.message)
             except Exception:  # keep the announcer alive whatever one pass hits
                 log.exception("change feed: announcing failed")
+            await anyio.sleep(period)
+
+    def prune(self, subscriptions: SubscriptionStore | None, now: float | None = None) -> tuple[int, int]:
+        """One retention pass: the feed's events older than ``[changes] keep_days`` that every
+        active subscription has fanned out (its lowest cursor bounds the pruning: none is lost
+        to a subscriber), then the outbox's rows settled more than ``[notify] keep_days`` ago.
+        Returns (events, outbox rows) deleted; 0 days keeps forever."""
+        now = time.time() if now is None else now
+        events = rows = 0
+        if self.config.changes_keep_days > 0:
+            through = subscriptions.lowest_cursor() if subscriptions is not None else None
+            events = self.registry.prune_changes(now - self.config.changes_keep_days * _DAY, through)
+        if subscriptions is not None and self.config.notify.keep_days > 0:
+            rows = subscriptions.prune(now - self.config.notify.keep_days * _DAY)
+        if events or rows:
+            log.info("retention: %d change feed events and %d outbox rows pruned", events, rows)
+        return events, rows
+
+    async def prune_forever(
+        self, subscriptions: SubscriptionStore | None, period: float = PRUNE_PERIOD
+    ) -> None:
+        """A retention pass (``prune``) now and every ``period`` seconds; errors are logged, the
+        loop goes on (what was not pruned is by a later pass). Deletions are idempotent: every
+        node may run it."""
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.prune, subscriptions)
+            except GatewayError as exc:
+                log.error("retention: pruning failed: %s", exc.message)
+            except Exception:  # keep the loop alive whatever one pass hits
+                log.exception("retention: pruning failed")
             await anyio.sleep(period)
 
     async def aclose(self) -> None:

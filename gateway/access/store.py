@@ -112,7 +112,10 @@ def _migrations(dialect: str) -> list[list[str]]:
         error TEXT, UNIQUE (subscription, seq))""",
         "CREATE INDEX outbox_pending ON outbox (state, subscription, seq)",
     ]
-    return [first, second, third]
+    # 4: the outbox's retention (gateway/notify/store.py ``prune``) finds settled rows by when
+    # they were settled (``done`` is NULL while pending).
+    fourth = ["CREATE INDEX outbox_done ON outbox (done)"]
+    return [first, second, third, fourth]
 
 
 _AUDIT_COLUMNS = [f.name for f in fields(AuditRecord) if f.name not in ("id", "patients")]

@@ -7,12 +7,20 @@ became available, were updated or were removed, as the caller's policy lets them
                                    like a search: a professional sees the events of patients who
                                    granted them (or under emergency access), a patient their own,
                                    a study link its study; hidden studies never.
-                                   {"changes": [...], "next": SEQ} and Link: <...>; rel="next"
+                                   {"changes": [...], "next": SEQ} and Link: <...>; rel="next";
+                                   410 when SEQ is below the retention horizon (see below)
 
 A reader passes ``next`` (the last sequence number it was given, or its ``since`` when the page
 is empty) as the next ``since``: sequence numbers only grow in commit order, with gaps (events
 the caller may not see, transactions rolled back), so nothing is missed by asking from there
 (``gateway.registry.changes``).
+
+Events are kept ``[changes] keep_days`` (and until every subscription has them): the greatest
+sequence number pruned is the feed's horizon. A ``since`` below it answers **410 Gone**, with
+``{"error": ..., "horizon": H}``: events after ``since`` are gone, so a page would look complete
+and not be. The reader then re-reads the current state of what it follows (a QIDO or FHIR search:
+the index is not pruned) and goes on with ``since=H``. ``since=0`` on a feed never pruned is a
+plain first page.
 """
 
 from __future__ import annotations
@@ -48,11 +56,24 @@ async def read_changes(request: Request) -> Response:
     limit = _integer(params.get("limit"), "limit", 1, MAX_LIMIT, _DEFAULT_LIMIT)
     # Raises for an anonymous caller (401); None: an open gateway, everything.
     restriction = await run(access.policy.restriction, principal)
-    found: list[Change] = await run(access.policy.registry.changes, since, limit, restriction)
+    registry = access.policy.registry
+    # The page first, the horizon after it: pruning moves the horizon in the transaction that
+    # deletes, so a horizon at or below ``since`` read now was so when the page was read.
+    found, horizon = await run(
+        lambda: (registry.changes(since, limit, restriction), registry.changes_horizon())
+    )
+    noted = audit_of(request.scope)
+    if since < horizon:
+        message = (
+            f"events up to {horizon} have been pruned (older than the retention period): events "
+            f"after {since} are missing; re-read the current state (QIDO-RS or FHIR search), then "
+            f"continue from since={horizon}"
+        )
+        noted["refusal"] = message
+        return json_answer({"error": message, "horizon": horizon}, status=410)
     patients = {change.patient for change in found if change.patient}
     # The record names every patient whose events the answer carried, and whether any was seen
     # by emergency rules only.
-    noted = audit_of(request.scope)
     noted["patients"] = sorted(patients)
     noted["emergency"] = access.policy.emergency_among(principal, patients)
     following = found[-1].seq if found else since

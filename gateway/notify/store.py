@@ -7,6 +7,11 @@ outbox holds one row per (subscription, event) owed to it, ``pending`` until it 
 cursor in one transaction and are unique per (subscription, seq), so a fan-out repeated after a
 crash adds nothing twice. Everything is in the database: a restarted gateway, or another node,
 carries on where the last pass stopped.
+
+Retention (``prune``): settled rows (``delivered``, ``withheld``) go once older than ``[notify]
+keep_days``, a bounded batch per transaction, and then revoked subscriptions as old with no row
+left. The audit trail, not the outbox, is the durable record of each delivery: it is never pruned.
+A revoked subscription's pending rows are withheld as it is revoked (``revoke``), so none lingers.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ __all__ = ["Subscription", "Pending", "SubscriptionStore", "CHANNELS", "PAYLOADS
 
 CHANNELS = ("rest-hook", "mllp")
 PAYLOADS = ("id-only", "full")
+PRUNE_BATCH = 500  # outbox rows deleted per transaction (bound parameters of one statement)
+_REVOKED = "subscription revoked"
 
 
 @dataclass(frozen=True)
@@ -97,14 +104,23 @@ class SubscriptionStore:
         return _subscription(rows[0]) if rows else None
 
     def revoke(self, issuer: str | None, subject: str, subscription: str) -> bool:
-        """Revoke one of the owner's subscriptions; what it was still owed is never sent."""
+        """Revoke one of the owner's subscriptions; what it was still owed is never sent: its
+        pending rows are withheld in the same transaction."""
+        now = time.time()
         with self.db.transaction() as conn:
             cursor = conn.execute(
                 "UPDATE subscriptions SET revoked = ? WHERE id = ? AND issuer = ? "
                 "AND subject = ? AND revoked IS NULL",
-                (time.time(), subscription, issuer, subject),
+                (now, subscription, issuer, subject),
             )
-        return bool(cursor.rowcount == 1)
+            revoked = cursor.rowcount == 1
+            if revoked:
+                conn.execute(
+                    "UPDATE outbox SET state = 'withheld', done = ?, error = ? "
+                    "WHERE subscription = ? AND state = 'pending'",
+                    (now, _REVOKED, subscription),
+                )
+        return bool(revoked)
 
     def exclusive(self) -> Any:
         """The section one node at a time runs a pass in (a context manager: True if held). On
@@ -118,6 +134,12 @@ class SubscriptionStore:
     def max_cursor(self) -> int:
         rows = self.db.query("SELECT MAX(cursor) FROM subscriptions")
         return int(rows[0][0] or 0)
+
+    def lowest_cursor(self) -> int | None:
+        """The lowest cursor of the active subscriptions (None: there are none): every feed event
+        up to it has been fanned out to all of them, and may be pruned from the feed."""
+        rows = self.db.query("SELECT MIN(cursor) FROM subscriptions WHERE revoked IS NULL")
+        return None if rows[0][0] is None else int(rows[0][0])
 
     # -- the outbox -------------------------------------------------------------------------------
 
@@ -173,6 +195,50 @@ class SubscriptionStore:
                 "UPDATE outbox SET attempts = attempts + 1, due = ?, error = ? WHERE id = ?",
                 (due, error[:500], row),
             )
+
+    def prune(self, older_than: float, batch: int = PRUNE_BATCH) -> int:
+        """Retention: delete the rows settled before ``older_than`` (a time), ``batch`` per
+        transaction, then the subscriptions revoked before it that have no row left; returns the
+        rows deleted. Pending rows of revoked subscriptions (a fan-out that raced the revocation,
+        or a database from before ``revoke`` withheld them) are withheld first, so they go too
+        in their time. Found through ``outbox_done`` (access migration 4): a pass costs what it
+        deletes, not the outbox's size."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE outbox SET state = 'withheld', done = COALESCE(done, ?), error = ? "
+                "WHERE state = 'pending' AND subscription IN "
+                "(SELECT id FROM subscriptions WHERE revoked IS NOT NULL)",
+                (time.time(), _REVOKED),
+            )
+        total = 0
+        while True:
+            # Chosen outside the write transaction: SQLite's one write lock is held for the
+            # deletion only.
+            ids = [
+                row[0]
+                for row in self.db.query(
+                    "SELECT id FROM outbox WHERE done < ? AND state IN ('delivered', 'withheld') "
+                    "ORDER BY done LIMIT ?",
+                    (older_than, batch),
+                )
+            ]
+            if ids:
+                with self.db.transaction() as conn:
+                    conn.execute(
+                        f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(ids))}) "
+                        "AND state IN ('delivered', 'withheld')",
+                        ids,
+                    )
+            total += len(ids)
+            if len(ids) < batch:
+                break
+        with self.db.transaction() as conn:
+            conn.execute(
+                "DELETE FROM subscriptions WHERE revoked IS NOT NULL AND revoked < ? AND NOT EXISTS "
+                "(SELECT 1 FROM outbox o WHERE o.subscription = subscriptions.id)",
+                (older_than,),
+            )
+        return total
 
     def outbox(self, subscription: str) -> list[dict[str, Any]]:
         """Every row of a subscription, in order (for tests and operators)."""

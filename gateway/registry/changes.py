@@ -27,6 +27,13 @@ visible) before the next one can take any. So a reader that has seen ``seq`` n n
 a smaller ``seq`` committed. Numbers may be skipped (a transaction rolled back after taking them),
 never reordered: a reader passes the last ``seq`` it saw as ``since`` and asks again; a gap is
 not a loss to wait for.
+
+Retention (``prune``): the oldest events go once they are older than ``[changes] keep_days`` and
+every active subscription has fanned them out, a bounded batch per transaction, oldest first.
+The greatest ``seq`` pruned is the feed's ``horizon`` (table ``feed_meta``, moved in the same
+transaction as the deletion). A reader whose ``since`` is below the horizon may have missed
+events: it must re-read what it keeps (the index, by QIDO or FHIR) and go on from the horizon;
+a ``since`` at or above it misses nothing (``GET /api/changes`` answers 410 below it).
 """
 
 from __future__ import annotations
@@ -37,9 +44,13 @@ from typing import Any
 
 from gateway.registry.database import in_chunks
 from gateway.registry.qido import restricted
+from gateway.registry.schema import PATIENT_COLUMNS, SERIES_COLUMNS, STUDY_COLUMNS
 from gateway.types import Change, Restriction
 
-__all__ = ["Pending", "flush", "read", "last", "announce", "due_query", "backfill_activity", "COLUMNS"]
+__all__ = [
+    "Pending", "flush", "read", "last", "horizon", "prune", "indexed_state", "announce", "due_query",
+    "backfill_activity", "COLUMNS", "PRUNE_BATCH",
+]  # fmt: skip
 
 # First key of the PostgreSQL advisory lock that orders the feed's appends (a two-key lock: no
 # other lock of the gateway, all one-key, can collide with it).
@@ -50,6 +61,11 @@ _INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _ANNOUNCE_AT_ONCE = 500  # studies announced per transaction: keeps the ordering lock short
+# Events deleted per transaction: SQLite's one write lock is held ~90 ms for it at 1,000,000
+# events (each event is also in two indexes, at random places: bench/changes.py --prune), so a
+# harvest waits about that long at most for a pruning pass.
+PRUNE_BATCH = 2000
+_HORIZON = "SELECT value FROM feed_meta WHERE name = 'horizon'"
 
 
 @dataclass
@@ -199,8 +215,68 @@ def read(
 
 
 def last(query: Any) -> int:
-    """The greatest ``seq`` committed (0 for an empty feed)."""
-    return int(query("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
+    """The greatest ``seq`` committed (0 for an empty feed), or the horizon when everything up to
+    it was pruned: where a new reader starts."""
+    return max(int(query("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0]), horizon(query))
+
+
+def horizon(query: Any) -> int:
+    """The greatest ``seq`` pruned (0: nothing ever was). Events after it are all there."""
+    rows = query(_HORIZON)
+    return int(rows[0][0]) if rows else 0
+
+
+def prune(conn: Any, dialect: str, older_than: float, through: int | None, batch: int = PRUNE_BATCH) -> int:
+    """Delete (in ``conn``'s transaction) up to ``batch`` of the oldest events, in ``seq`` order,
+    stopping at the first one at or after ``older_than`` (a time) or after ``through`` (a seq:
+    the lowest cursor of the active subscriptions, None for no such bound), and move the horizon
+    to the last one deleted; returns how many were deleted (fewer than ``batch``: done for now).
+
+    Only a prefix of the feed ever goes, so the horizon says exactly what is missing: every event
+    at or below it. The appends' ordering lock is not taken: deleting the oldest rows does not
+    touch the newest, and two nodes pruning at once delete each row once (the horizon only
+    grows)."""
+    found = conn.execute(_HORIZON).fetchone()
+    done = int(found[0]) if found else 0
+    bound = "" if through is None else " AND seq <= ?"
+    rows = conn.execute(
+        f"SELECT seq, time FROM changes WHERE seq > ?{bound} ORDER BY seq LIMIT ?",
+        (done, *(() if through is None else (through,)), batch),
+    ).fetchall()
+    taken = 0
+    for _, when in rows:  # times follow seqs but for clock skew between nodes: stop at the first
+        if float(when) >= older_than:
+            break
+        taken += 1
+    if not taken:
+        return 0
+    last_seq = int(rows[taken - 1][0])
+    conn.execute("DELETE FROM changes WHERE seq > ? AND seq <= ?", (done, last_seq))
+    greatest = "GREATEST" if dialect == "postgresql" else "MAX"
+    conn.execute(
+        "INSERT INTO feed_meta (name, value) VALUES ('horizon', ?) ON CONFLICT (name) "
+        f"DO UPDATE SET value = {greatest}(feed_meta.value, excluded.value)",
+        (last_seq,),
+    )
+    return taken
+
+
+def indexed_state(conn: Any, study: str, series: str) -> tuple[Any, ...]:
+    """What a QIDO study or series answer (and a FHIR ImagingStudy) shows of ``study`` and its
+    ``series``: their columns and computed attributes, and the patient's (PS3.18 Tables
+    10.6.3-3 and -4). Equal before and after a write: the write changed nothing announced."""
+    row = conn.execute(
+        f"SELECT {_STATE} FROM studies st JOIN patients p ON p.id = st.patient "
+        "LEFT JOIN series se ON se.StudyInstanceUID = st.StudyInstanceUID AND se.SeriesInstanceUID = ? "
+        "WHERE st.StudyInstanceUID = ?",
+        (series, study),
+    ).fetchone()
+    if row is None:
+        return ()
+    values = list(row)
+    # ModalitiesInStudy is an aggregate in no particular order: compared as a set.
+    values[_MODALITIES] = sorted((values[_MODALITIES] or "").split(","))
+    return tuple(values)
 
 
 def backfill_activity(conn: Any, now: float) -> None:
@@ -212,6 +288,17 @@ def backfill_activity(conn: Any, now: float) -> None:
         "ON CONFLICT (StudyInstanceUID) DO NOTHING",
         (now,),
     )
+
+
+_STATE_COLUMNS = (
+    [f"p.{c}" for c in PATIENT_COLUMNS]
+    + [f"st.{c}" for c in STUDY_COLUMNS]
+    + ["st.ModalitiesInStudy", "st.NumberOfStudyRelatedSeries", "st.NumberOfStudyRelatedInstances"]
+    + [f"se.{c}" for c in SERIES_COLUMNS]
+    + ["se.NumberOfSeriesRelatedInstances"]
+)
+_STATE = ", ".join(_STATE_COLUMNS)
+_MODALITIES = _STATE_COLUMNS.index("st.ModalitiesInStudy")
 
 
 def _lock(conn: Any, dialect: str) -> None:
@@ -234,5 +321,3 @@ def _patients(conn: Any, studies: list[str]) -> dict[str, str | None]:
         ).fetchall():
             found[uid] = ins or None
     return found
-
-

@@ -20,8 +20,10 @@ _DERIVED = {
 }
 # Bump when a table changes: older registries are rebuilt by harvest, but for those of a version
 # in MIGRATED, brought forward in place (the statements below create what they lack).
-SCHEMA_VERSION = 7
-MIGRATED = frozenset({6})  # 6 -> 7: the change feed's tables (gateway.registry.changes)
+SCHEMA_VERSION = 8
+# 6 -> 7: the change feed's tables (gateway.registry.changes); 7 -> 8: its retention horizon
+# (``feed_meta``).
+MIGRATED = frozenset({6, 7})
 _INTEGER = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames"}
 
 
@@ -64,7 +66,7 @@ TABLES = (
 )  # fmt: skip
 # The change feed: kept when the index is rebuilt, so that its sequence goes on (a reader's
 # ``since`` stays meaningful) and a study refilled by harvest is announced as updated.
-FEED_TABLES = ("changes", "study_activity")
+FEED_TABLES = ("changes", "study_activity", "feed_meta")
 
 
 def _ddl(columns: tuple[str, ...]) -> str:
@@ -142,6 +144,10 @@ def schema(dialect: str) -> list[str]:
     StudyInstanceUID TEXT PRIMARY KEY, patient TEXT, changed {t["real"]} NOT NULL,
     announced INTEGER NOT NULL, pending INTEGER NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS study_activity_due ON study_activity (pending, changed)",
+        # What the feed's retention did: ``horizon``, the greatest seq pruned (a reader asking
+        # from below it has missed events: ``changes.prune``). Kept with the feed, not in
+        # registry_meta, which a rebuild of the index drops.
+        f"CREATE TABLE IF NOT EXISTS feed_meta (name TEXT PRIMARY KEY, value {t['big']} NOT NULL)",
     ]
 
 

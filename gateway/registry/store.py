@@ -174,17 +174,35 @@ class Registry:
         """What a remote source taught us by sending an instance (its full header, stored syntax and
         frame count), replacing what its search answers said; the location's change tokens stay.
         Returns why nothing was learnt when the header conflicts with a higher-priority source's
-        (or moves its study to another patient): see ``arbitration``."""
+        (or moves its study to another patient): see ``arbitration``; or when the location is no
+        longer indexed (a harvest removed it meanwhile: an instance without a location would be
+        listed and never served).
+
+        The change feed hears of it only when what a study or series search shows changed (the
+        PACS's C-FIND said another PatientID, name or description than its header, ...): then it
+        is the ``instances.added`` a harvest reading that header would append (and the study is
+        announced as updated once quiet). A learn that changes nothing shown, what happens each
+        time a viewer first opens a DIMSE study, appends nothing: subscribers are not told twice
+        of the same study."""
+        study, series, instance = record.uids
         with self.transaction() as conn:
             verdict = arbitrate(conn, source, self.ranks, [record])
-            if record.uids[2] in verdict.refused:
-                return verdict.refused[record.uids[2]]
+            if instance in verdict.refused:
+                return verdict.refused[instance]
+            if not conn.execute(
+                "SELECT 1 FROM locations WHERE source = ? AND path = ?", (source, path)
+            ).fetchone():
+                return f"{path} is no longer indexed for source {source}"
+            before = _changes.indexed_state(conn, study, series)
             writes.put_records(conn, self.dialect, verdict.write, source)
             conn.execute(
                 "UPDATE locations SET TransferSyntaxUID = ?, encapsulated = ?, frames = ? "
                 "WHERE source = ? AND path = ?",
                 (syntax, int(UID(syntax).is_encapsulated), orjson.dumps(frames), source, path),
             )
+            pending = self._pending()
+            if pending is not None and _changes.indexed_state(conn, study, series) != before:
+                pending.add(source, study, series, instance)
         return None
 
     def put_reject(self, conn: Any, source: str, path: str, size: int, mtime_ns: int, reason: str) -> None:
@@ -250,12 +268,42 @@ class Registry:
     def changes(self, since: int, limit: int, restriction: Restriction | None = None) -> list[Change]:
         """The feed's events after ``since`` in ``seq`` order, at most ``limit``, those that
         ``restriction`` lets through (None: all). Pass the last ``seq`` seen as the next ``since``:
-        numbers may be skipped, never reordered (see ``changes``)."""
+        numbers may be skipped, never reordered (see ``changes``). With ``since`` below
+        ``changes_horizon()`` (read after this), pruned events are missing from the answer."""
         return _changes.read(self.query, self.dialect, since, limit, restriction)
 
     def last_change(self) -> int:
         """The greatest ``seq`` of the feed (0 when it is empty)."""
         return _changes.last(self.query)
+
+    def changes_horizon(self) -> int:
+        """The greatest ``seq`` retention pruned (0: none). A reader whose ``since`` is below it
+        may have missed events (see ``changes``)."""
+        return _changes.horizon(self.query)
+
+    def prune_changes(
+        self, older_than: float, through: int | None = None, batch: int = _changes.PRUNE_BATCH
+    ) -> int:
+        """The feed's retention: delete the events older than ``older_than`` (a time), and when
+        ``through`` is given none after that ``seq`` (the lowest cursor of the active
+        subscriptions: what every one of them has fanned out), oldest first, ``batch`` per
+        transaction; returns how many went. On SQLite, whose one write lock each batch holds
+        (~90 ms for 2,000 events at 1,000,000: bench/changes.py --prune), it waits as long
+        between two batches, so that a harvest waiting to write gets its turn; PostgreSQL locks
+        rows only. Safe on several nodes at once."""
+        total = 0
+        # PostgreSQL: without moving the generation that every node's location cache watches
+        # (``instance_location``): no location changes here.
+        begin = getattr(self.db, "transaction_without_generation", self.db.transaction)
+        while True:
+            started = time.monotonic()
+            with begin() as conn:
+                deleted = _changes.prune(conn, self.dialect, older_than, through, batch)
+            total += deleted
+            if deleted < batch:
+                return total
+            if self.dialect == "sqlite":
+                time.sleep(time.monotonic() - started)
 
     def announce(self, quiet_seconds: float, now: float) -> list[Change]:
         """Announce the studies with no change for ``quiet_seconds`` at ``now`` (available,
@@ -415,7 +463,8 @@ def _in_study_order(columns: str, where: str, with_locations: bool = True) -> st
 def _migrate(db: Database, version: int) -> None:
     """Bring a registry of a version in ``MIGRATED`` forward, its data kept: the tables it lacks
     are created (``create_schema`` then records the version). 6 -> 7: the change feed's tables,
-    with the studies already indexed counted as announced. Idempotent: a migration interrupted
+    with the studies already indexed counted as announced; 7 -> 8: the feed's ``feed_meta``
+    (its retention horizon, 0 until a first pruning). Idempotent: a migration interrupted
     before the version is recorded runs again whole."""
     with db.transaction() as conn:
         if db.dialect == "postgresql":  # one node at a time, as ``create_schema``

@@ -5,6 +5,7 @@ query, paging with ``next`` and the Link header, and the audit record; on both r
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import replace
 from urllib.parse import urlsplit
 
@@ -156,6 +157,29 @@ def test_an_event_carries_its_sequence_time_kind_study_series_count_and_patient(
     }
 
 
+# -- retention ---------------------------------------------------------------------------------------
+
+
+def test_a_since_below_the_retention_horizon_gets_410_naming_it_and_the_way_on(site):
+    everything = site.get("/api/changes?since=0", patient(site)).json()["changes"]
+    assert everything  # a feed never pruned: since=0 is a plain first page
+    registry = site.access.policy.registry
+    horizon = everything[0]["seq"]
+    assert registry.prune_changes(older_than=time.time() + 1, through=horizon) == 1
+    for since in (0, horizon - 1):
+        response = site.get(f"/api/changes?since={since}", patient(site))
+        assert response.status_code == 410
+        body = response.json()
+        assert body["horizon"] == horizon
+        assert f"continue from since={horizon}" in body["error"] and "re-read" in body["error"]
+    record = site.records()[-1]
+    assert (record.action, record.status) == ("changes.read", 410)
+    assert f"events up to {horizon} have been pruned" in (record.reason or "")
+    # From the horizon on, nothing is missing.
+    rest = site.get(f"/api/changes?since={horizon}", patient(site))
+    assert rest.status_code == 200 and rest.json()["changes"] == everything[1:]
+
+
 # -- the announcer runs with the app ---------------------------------------------------------------
 
 
@@ -177,3 +201,23 @@ def test_the_app_announces_quiet_studies_while_it_harvests(tmp_path, registry_ur
 
     anyio.run(main)
     assert seen == ["instances.added", "study.available"]
+
+
+def test_the_app_runs_the_retention_pass_with_the_subscriptions_store(tmp_path, registry_urls):
+    folder = tmp_path / "archive"
+    make_ct_study(folder / "study", n_instances=1, rows=8, cols=8, study_uid="1.2.826.0.9.8")
+    name = f"feed-{secrets.token_hex(4)}"
+    config = make_config(folder, registry_urls.url(tmp_path / "registry.db"), name=name)
+    gateway = Gateway(replace(config, data_dir_override=tmp_path))
+    app = create_app(gateway, harvest=True)
+    passes: list[object] = []
+    gateway.prune = lambda subscriptions, now=None: passes.append(subscriptions) or (0, 0)  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with app.starlette.router.lifespan_context(app.starlette):
+            with anyio.fail_after(10):
+                while not passes:
+                    await anyio.sleep(0.02)
+
+    anyio.run(main)
+    assert passes == [app.starlette.state.notify.store]  # at start, then hourly
