@@ -19,6 +19,7 @@ from gateway.codec.dicomfile import read_header
 from gateway.config import Config, SourceConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.notify.store import SubscriptionStore
+from gateway.prefetch import Prefetch, prefetching
 from gateway.registry.harvest import harvest
 from gateway.registry.record import build_record
 from gateway.registry.store import Registry, SourceStats
@@ -27,6 +28,7 @@ from gateway.stream.dimse.source import DimseSource
 from gateway.stream.federation import Federation
 from gateway.stream.folder import FolderSource
 from gateway.stream.source import Source, Watcher
+from gateway.types import Change
 
 __all__ = ["Gateway", "make_source"]
 
@@ -222,7 +224,10 @@ class Gateway:
     def announce(self) -> int:
         """Announce the studies quiet for ``[changes] quiet_seconds`` (the change feed's
         ``study.*`` events); how many were announced."""
-        return len(self.registry.announce(self.config.changes_quiet, time.time()))
+        return len(self._announce())
+
+    def _announce(self) -> list[Change]:
+        return self.registry.announce(self.config.changes_quiet, time.time())
 
     async def announce_forever(
         self, period: float = ANNOUNCE_PERIOD, announced: Callable[[], None] | None = None
@@ -230,16 +235,28 @@ class Gateway:
         """Announce quiet studies every ``period`` seconds, calling ``announced`` after a pass
         that announced some (the subscription worker starts delivering at once); errors are
         logged, the loop goes on (what was not announced is announced by a later pass, on this
-        node or another)."""
-        while True:
-            try:
-                if await anyio.to_thread.run_sync(self.announce) and announced is not None:
-                    announced()
-            except GatewayError as exc:
-                log.error("change feed: announcing failed: %s", exc.message)
-            except Exception:  # keep the announcer alive whatever one pass hits
-                log.exception("change feed: announcing failed")
-            await anyio.sleep(period)
+        node or another). New studies are offered to this node's prefetch (``gateway.prefetch``:
+        their priors on sources with ``prefetch = true`` warmed in the background)."""
+        prefetch = Prefetch(
+            self.config.prefetch, self.registry, self.federation, prefetching(self.config, self.sources)
+        )
+        async with anyio.create_task_group() as group:
+            if prefetch.sources:
+                group.start_soon(prefetch.run)
+            else:
+                prefetch.close()
+            while True:
+                try:
+                    made = await anyio.to_thread.run_sync(self._announce)
+                    if made:
+                        prefetch.offer(made)  # never blocks
+                        if announced is not None:
+                            announced()
+                except GatewayError as exc:
+                    log.error("change feed: announcing failed: %s", exc.message)
+                except Exception:  # keep the announcer alive whatever one pass hits
+                    log.exception("change feed: announcing failed")
+                await anyio.sleep(period)
 
     def prune(self, subscriptions: SubscriptionStore | None, now: float | None = None) -> tuple[int, int]:
         """One retention pass: the feed's events older than ``[changes] keep_days`` that every

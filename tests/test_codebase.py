@@ -58,7 +58,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("gateway.access",),
     ("gateway.notify",),  # subscriptions: deliver what the feed says to whom the policy allows
     ("gateway.dicomweb", "gateway.api", "gateway.viewer", "gateway.urls"),
-    ("gateway.app", "gateway.service", "gateway.cli", "gateway.backup", "gateway.__main__"),
+    (
+        "gateway.app",
+        "gateway.service",
+        "gateway.cli",
+        "gateway.backup",
+        "gateway.__main__",
+        "gateway.prefetch",  # the announcer's new studies warming their priors on the sources
+    ),
 )
 
 

@@ -145,7 +145,18 @@ class DimseSource:
         if self.learn is not None:
             await asyncio.get_running_loop().run_in_executor(self._pool(), self.learn, path, data)
 
-    def _remember(self, uid: str, data: bytes) -> None:
+    def _remember(self, uid: str, data: bytes, spare: bool = False) -> None:
+        """Keep a received instance for its other frames, the least recently used going first.
+        ``spare``: it came in a batch (a series retrieved, /metadata completed, priors prefetched),
+        which no viewer waits on this instant: it is kept only in room the cache has spare, at the
+        cold end (the next instance a viewer retrieves pushes it out first), and never in place of
+        a copy already kept. So a batch, however large, never evicts what a viewer is reading."""
+        if spare:
+            if uid not in self._cache and self._cached + len(data) <= _CACHE_BYTES:
+                self._cache[uid] = data
+                self._cache.move_to_end(uid, last=False)
+                self._cached += len(data)
+            return
         previous = self._cache.pop(uid, None)
         if previous is not None:
             self._cached -= len(previous)
@@ -166,6 +177,7 @@ class DimseSource:
         log.info("source %s: %d instances of series %s in one retrieval", self.name, len(locations), series)
         async for uid, data in self._retriever.aiter_received(uids, sop_class):
             await self._learn(paths[uid], data)
+            self._remember(uid, data, spare=True)  # its frames next, at memory speed if room
             yield data
 
     # -- health and shutdown ------------------------------------------------------------------------
