@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import orjson
@@ -20,10 +20,11 @@ from pynetdicom.association import Association
 from gateway.codec.attributes import INSTANCE, PATIENT, SERIES, STUDY
 from gateway.codec.dicomjson import dataset_json
 from gateway.stream.dimse.associations import QUERIES, STUDY_FIND, AssociationPool
+from gateway.stream.dimse.ian import valid_uid
 from gateway.stream.dimse.replies import PENDING, Replies
 from gateway.types import Entry, PixelInfo
 
-__all__ = ["scan"]
+__all__ = ["scan", "scan_paths"]
 
 # Return keys per level; OtherPatientIDsSequence carries the INS at many sites (an empty
 # sequence asks for it, PS3.4 C.2.2.2.6); PACS that do not support it just leave it out.
@@ -40,17 +41,55 @@ def scan(associations: AssociationPool, replies: Replies, since: str | None = No
         # Studies and series are listed in full before the next C-FIND on this association
         # (one operation at a time on it); instances are indexed as their responses arrive.
         for study in list(_find(assoc, replies, "STUDY", window, _KEYS["study"])):
-            study_uid = str(study.StudyInstanceUID)
-            query = {"StudyInstanceUID": study_uid}
-            for series in list(_find(assoc, replies, "SERIES", query, _KEYS["series"])):
-                scope = {
-                    "StudyInstanceUID": study_uid,
-                    "SeriesInstanceUID": str(series.SeriesInstanceUID),
-                }
-                # The study's and series' attributes are converted once for all its instances.
-                common = _identifier_json(study) | _identifier_json(series)
-                for image in _find(assoc, replies, "IMAGE", scope, _KEYS["image"]):
-                    yield _entry(common, study, series, image)
+            yield from _study(assoc, replies, study, None)
+
+
+def scan_paths(associations: AssociationPool, replies: Replies, paths: Collection[str]) -> Iterator[Entry]:
+    """What ``scan`` lists at or under each of ``paths`` (``/studies/S``, ``/studies/S/series/SE``
+    or an instance's path, whose series is listed), with C-FINDs restricted to those studies and
+    series: a study the PACS does not hold lists nothing. Paths of any other shape, or whose UIDs
+    are not UIDs (a ``*`` would be a wildcard to some PACS), list nothing."""
+    wanted: dict[str, set[str] | None] = {}  # study -> its series asked for (None: all of them)
+    for path in paths:
+        parts = path.strip("/").split("/")
+        if len(parts) < 2 or parts[0] != "studies" or not all(valid_uid(uid) for uid in parts[1::2]):
+            continue
+        if len(parts) == 2:
+            wanted[parts[1]] = None
+        elif len(parts) in (4, 6) and parts[2] == "series":
+            series = wanted.setdefault(parts[1], set())
+            if series is not None:  # else the whole study is listed anyway
+                series.add(parts[3])
+    if not wanted:
+        return
+    with associations.acquire(QUERIES) as assoc:
+        for study_uid, series in sorted(wanted.items()):
+            match = {"StudyInstanceUID": study_uid}
+            for study in list(_find(assoc, replies, "STUDY", match, _KEYS["study"])):
+                if str(study.get("StudyInstanceUID", "")) == study_uid:  # what was asked, only
+                    yield from _study(assoc, replies, study, series)
+
+
+def _study(assoc: Association, replies: Replies, study: Dataset, only: set[str] | None) -> Iterator[Entry]:
+    """The instances of one study the PACS listed, in each of its series (``only`` those)."""
+    study_uid = str(study.StudyInstanceUID)
+    matches = (
+        [{"StudyInstanceUID": study_uid}]
+        if only is None
+        else [{"StudyInstanceUID": study_uid, "SeriesInstanceUID": uid} for uid in sorted(only)]
+    )
+    for match in matches:
+        for series in list(_find(assoc, replies, "SERIES", match, _KEYS["series"])):
+            if only is not None and str(series.get("SeriesInstanceUID", "")) not in only:
+                continue
+            scope = {
+                "StudyInstanceUID": study_uid,
+                "SeriesInstanceUID": str(series.SeriesInstanceUID),
+            }
+            # The study's and series' attributes are converted once for all its instances.
+            common = _identifier_json(study) | _identifier_json(series)
+            for image in _find(assoc, replies, "IMAGE", scope, _KEYS["image"]):
+                yield _entry(common, study, series, image)
 
 
 def _find(

@@ -10,6 +10,10 @@ A C-FIND answer holds few attributes (PS3.4 C.4.1.1.3.2), so the source declares
 (given by the service) to complete the index. It declares ``batch`` too: a series' instances come
 in one C-GET of a UID list (PS3.4 C.4.3.2.1). Received instances are kept for a while (a viewer
 asks for every frame of an instance, one request each), within ``_CACHE_BYTES``.
+
+With ``ian_port``, it declares ``watch``: the PACS's Instance Availability Notifications (PS3.4
+Annex R, ``ianscp``) name the study or series to harvest at once, listed by a C-FIND
+restricted to them (``scan_paths``); without, it is asked again every interval only.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,9 +32,10 @@ from gateway.config import SourceConfig
 from gateway.errors import DicomFileError, GatewayError, NotFound, SourceError
 from gateway.stream.dimse import query as dimse_query
 from gateway.stream.dimse.associations import QUERIES, AssociationPool
+from gateway.stream.dimse.ianscp import watch_notifications
 from gateway.stream.dimse.replies import Replies
 from gateway.stream.dimse.retrieve import Retriever, Uids
-from gateway.stream.source import CHUNK, BatchRetrieval, Frame, Watcher
+from gateway.stream.source import CHUNK, BatchRetrieval, Frame, Stop, Watcher
 from gateway.types import Entry, InstanceFile, Location
 
 __all__ = ["DimseSource", "Learn"]
@@ -52,7 +57,7 @@ Learn = Callable[[str, bytes], None]
 class DimseSource:
     kind = "dimse"
     learns_on_retrieve = True  # C-FIND answers are partial; headers are learnt on retrieve
-    # Asked again every interval; Instance Availability Notification (PS3.4 Annex R) not yet.
+    # Asked again every interval, and at once for what its notifications name (``ian_port``).
     watch: Watcher | None = None
 
     def __init__(self, config: SourceConfig, learn: Learn | None = None) -> None:
@@ -62,6 +67,7 @@ class DimseSource:
         self.deadlines = config.deadlines
         self.learn = learn
         self.batch: BatchRetrieval | None = self  # ``aiter_instances``
+        self.watch = self if config.ian_port is not None else None  # ``watch_changes``, ``scan_paths``
         self._associations = AssociationPool(config.name, config)
         self._replies = Replies(config.name, config.deadlines)
         self._threads: ThreadPoolExecutor | None = None
@@ -77,6 +83,15 @@ class DimseSource:
 
     def scan(self, since: str | None = None) -> Iterator[Entry]:
         return dimse_query.scan(self._associations, self._replies, since)
+
+    def scan_paths(self, paths: Collection[str]) -> Iterator[Entry]:
+        """What ``scan`` lists at or under ``paths`` (a study's, a series'), by C-FINDs restricted
+        to them: what the PACS answers is indexed, never what a notification said."""
+        return dimse_query.scan_paths(self._associations, self._replies, paths)
+
+    async def watch_changes(self, changed: Callable[[set[str]], None], stop: Stop) -> None:
+        """The PACS's Instance Availability Notifications, as the paths of what they name."""
+        await watch_notifications(self.name, self.config, changed, stop)
 
     def read_header(self, entry: Entry) -> Any:
         raise SourceError(f"source {self.name}: entries come with their attributes")  # never called
