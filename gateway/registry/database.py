@@ -43,6 +43,9 @@ class Database(Protocol):
     where: str  # for messages: the file or the server
 
     def transaction(self) -> Any: ...  # context manager yielding a connection-like ``execute``
+    # A transaction whose commit does not move the location cache's generation: for writes that
+    # change no location (the change feed's pruning).
+    def transaction_without_generation(self) -> Any: ...
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]: ...
     def change_token(self) -> Any: ...
     def schema_version(self) -> int: ...
@@ -121,6 +124,10 @@ class SQLiteDatabase:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def transaction_without_generation(self) -> Any:
+        # SQLite's generation is the file's data_version, which every commit moves anyway.
+        return self.transaction()
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         try:

@@ -294,10 +294,9 @@ class Registry:
         total = 0
         # PostgreSQL: without moving the generation that every node's location cache watches
         # (``instance_location``): no location changes here.
-        begin = getattr(self.db, "transaction_without_generation", self.db.transaction)
         while True:
             started = time.monotonic()
-            with begin() as conn:
+            with self.db.transaction_without_generation() as conn:
                 deleted = _changes.prune(conn, self.dialect, older_than, through, batch)
             total += deleted
             if deleted < batch:
