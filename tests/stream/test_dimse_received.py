@@ -27,8 +27,8 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode
 
 from gateway.app import create_app
-from gateway.config import AuthConfig, Config, ConfigError, Deadlines, ServerConfig, SourceConfig, load_config
-from gateway.errors import SourceUnavailable
+from gateway.config import AuthConfig, Config, Deadlines, ServerConfig, SourceConfig, load_config
+from gateway.errors import ConfigError, SourceUnavailable
 from gateway.service import Gateway
 from gateway.stream.dimse import pduguard
 from gateway.stream.dimse import retrieve as dimse_retrieve
