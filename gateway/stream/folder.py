@@ -6,19 +6,13 @@ need the dataset inflated, which pydicom does for that one instance.
 
 What is in the folder is not trusted after indexing, nor while listing it:
 
-* Listing (``scan``) walks the folder without recursion, at most ``MAX_DEPTH`` directory levels
-  deep, and follows no directory link. Only regular files are listed as files; what will not be
-  read (a FIFO, a socket, a device, a link out of the folder or to a directory, a directory too
-  deep or that cannot be listed, a name that is not UTF-8) is handed to harvest as a refused entry:
-  counted as failed, logged, remembered until it changes. Nothing is opened while listing but the
-  targets of links, through the same walk as below.
-* Every open, at harvest and to serve, goes through ``_open_file``: the path is resolved one
-  component at a time from the folder, each component opened relative to the directory before it
-  with ``O_NOFOLLOW``, so the kernel never follows a link for us; links are read and followed by us,
-  only while they stay in the folder. A non-regular file is never opened (``lstat`` first), and the
-  file is opened ``O_NONBLOCK`` then checked with ``fstat``, so a FIFO swapped in between cannot
-  hang a reader. On Linux, one ``open`` checked through ``/proc/self/fd`` stands for the walk when
-  no link is on the way (the common case, and the per-frame path).
+* Listing (``scan``, and ``scan_paths`` for what a watch reported) is ``gateway.stream.listing``'s:
+  no recursion, at most ``MAX_DEPTH`` levels, no directory link followed, and what will not be
+  read handed to harvest as a refused entry with its reason.
+* Every open, at harvest and to serve, goes through ``SafeOpener.open``
+  (``gateway.stream.safeopen``): resolved one component at a time from the folder, the kernel
+  never following a link for us, links followed only while they stay in the folder, and only a
+  regular file opened (``O_NONBLOCK``, then ``fstat``), so a FIFO swapped in cannot hang a reader.
 * Before a byte is served, the opened descriptor's size and modification time must equal what was
   indexed and the frame's byte ranges must lie within that size; after the bytes are read, the
   descriptor is checked again. A file that changed is refused with a ``SourceError`` (502) naming
@@ -41,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,40 +47,17 @@ from gateway.codec import framemap
 from gateway.codec.dicomfile import bulk_value, read_header, to_little_endian
 from gateway.errors import DicomFileError, NotFound, SourceError
 from gateway.redact import escape
+from gateway.stream import listing
+from gateway.stream.listing import MAX_DEPTH
+from gateway.stream.safeopen import SafeOpener
 from gateway.stream.source import CHUNK, BatchRetrieval, Frame, Stop, Watcher
 from gateway.stream.watch import watch_folder
 from gateway.types import Entry, InstanceFile, Location, PixelInfo
 
-__all__ = ["FolderSource", "MAX_DEPTH"]
+__all__ = ["FolderSource", "MAX_DEPTH"]  # MAX_DEPTH: listing's bound, named here for callers
 
 T = TypeVar("T")
 _READERS = 16  # concurrent reads per folder: enough to keep a disk queue busy
-
-# Directory levels walked below the folder. PACS storage layouts are a handful deep
-# (patient/study/series/file, or year/month/day/...); 1,100 nested directories are an attack.
-MAX_DEPTH = 32
-_MAX_LINKS = 40  # links followed in one path: the kernel's own limit (MAXSYMLINKS)
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_PROC_FD = "/proc/self/fd/"
-_HAVE_PROC = os.path.isdir(_PROC_FD)
-
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISLNK, "a symbolic link"),
-)
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "a special file")
-
-
-def _not_regular(mode: int) -> str:
-    return f"{_kind(mode)}, not a regular file"
 
 
 def _change(size: int, mtime_ns: int | None, st: os.stat_result) -> str:
@@ -118,13 +88,14 @@ class FolderSource:
         # Called with a file's path when serving finds it changed since it was indexed, from a
         # reader thread: the service may harvest this source sooner than its interval.
         self.changed = changed
-        self._real: str | None = None  # the folder's real path, for the one-open fast path
+        self._opener = SafeOpener(self.root)  # every open of a file of the folder goes through it
         self._executor: ThreadPoolExecutor | None = None  # made on first read; never pickled
 
     def __getstate__(self) -> dict[str, object]:
-        # Harvest sends the source to worker processes; the reader threads stay here.
-        state = {"name": self.name, "root": self.root, "changed": None, "_real": None, "_executor": None}
-        return {**state, "watch": None}  # and the watch: harvest lists the paths here
+        # Harvest sends the source to worker processes; the reader threads stay here (the opener
+        # goes without its cached real path: ``SafeOpener.__getstate__``).
+        state = {"name": self.name, "root": self.root, "changed": None, "_executor": None}
+        return {**state, "_opener": self._opener, "watch": None}  # and the watch: harvest lists here
 
     def _run(self, function: Callable[..., T], *args: Any) -> Awaitable[T]:
         """Blocking file work on this source's reader threads (the event loop's plain executor
@@ -136,177 +107,12 @@ class FolderSource:
             self._executor = ThreadPoolExecutor(_READERS, thread_name_prefix=f"read-{self.name}")
         return self._executor
 
-    # -- opening a file of the folder ---------------------------------------------------------
-
-    def _open_file(self, path: str) -> tuple[int, os.stat_result]:
-        """A descriptor on the regular file at ``path`` (relative, '/'-separated) in the folder, and
-        its ``fstat``. Raises DicomFileError (refused, saying why), FileNotFoundError, OSError."""
-        parts = path.split("/")
-        if not path or any(part in ("", ".", "..") for part in parts):
-            raise DicomFileError("not a path inside the folder")
-        fd = self._open_direct(path) if _HAVE_PROC else None
-        if fd is None:
-            fd = self._open_walk(parts)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):  # swapped in between the lstat and the open
-                raise DicomFileError(_not_regular(st.st_mode))
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, st
-
-    def _open_direct(self, path: str) -> int | None:
-        """One ``open`` when no link is on the way: the kernel resolves the path, then
-        ``/proc/self/fd`` says where the descriptor really is; unless that is exactly the folder's
-        real path joined with ``path``, the walk decides (None)."""
-        if self._real is None:
-            self._real = os.path.realpath(self.root)
-        full = os.path.join(self._real, path)
-        try:
-            if not stat.S_ISREG(os.lstat(full).st_mode):
-                return None  # a link, or not a file: the walk follows it or says what it is
-        except OSError:
-            return None  # gone, or a component is not what it was: the walk says which
-        try:
-            fd = os.open(full, _FILE)
-        except OSError:
-            return None  # the last component became a link (ELOOP), or vanished: the walk tells
-        try:
-            where = os.readlink(_PROC_FD + str(fd))
-        except OSError:
-            where = None
-        if where != full:  # a link on the way, or the folder itself moved: not ours to serve so
-            os.close(fd)
-            return None
-        return fd
-
-    def _open_walk(self, parts: list[str]) -> int:
-        """Resolve ``parts`` one component at a time, each opened relative to the directory before
-        it and never through a link: links are read and their targets walked the same way, and
-        refused when they leave the folder (``..`` above it, or an absolute target elsewhere)."""
-        pending = list(reversed(parts))
-        # The folder as configured: links in its own path are the configuration's to choose.
-        dirs = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
-        links = 0
-        try:
-            while pending:
-                part = pending.pop()
-                if part in ("", "."):
-                    continue
-                if part == "..":
-                    if len(dirs) == 1:
-                        raise DicomFileError("a symbolic link leads out of the folder")
-                    os.close(dirs.pop())
-                    continue
-                st = os.stat(part, dir_fd=dirs[-1], follow_symlinks=False)
-                if stat.S_ISLNK(st.st_mode):
-                    links += 1
-                    if links > _MAX_LINKS:
-                        raise DicomFileError(f"more than {_MAX_LINKS} symbolic links on the way (a loop)")
-                    target = os.readlink(part, dir_fd=dirs[-1])
-                    if target.startswith("/"):
-                        inside = self._inside(target)
-                        if inside is None:
-                            raise DicomFileError("a symbolic link leads out of the folder")
-                        while len(dirs) > 1:
-                            os.close(dirs.pop())
-                        target = inside
-                    pending.extend(reversed(target.split("/")))
-                elif pending:
-                    if not stat.S_ISDIR(st.st_mode):
-                        raise DicomFileError(f"a component of the path is {_kind(st.st_mode)}")
-                    dirs.append(os.open(part, _DIRECTORY, dir_fd=dirs[-1]))
-                elif not stat.S_ISREG(st.st_mode):
-                    raise DicomFileError(_not_regular(st.st_mode))
-                else:
-                    return os.open(part, _FILE, dir_fd=dirs[-1])
-            raise DicomFileError("a symbolic link names a directory, not a regular file")
-        finally:
-            for fd in dirs:
-                os.close(fd)
-
-    def _inside(self, target: str) -> str | None:
-        """An absolute link target as a path relative to the folder, or None when it names
-        somewhere else. Compared as written: ``..`` in the rest is walked, never above the folder."""
-        if self._real is None:
-            self._real = os.path.realpath(self.root)
-        for base in (self._real, os.path.abspath(self.root)):
-            base = base.rstrip("/")
-            if target == base:
-                return "."
-            if target.startswith(base + "/"):
-                return target[len(base) + 1 :]
-        return None
-
     # -- harvest ------------------------------------------------------------------------------
 
     def scan(self, since: str | None = None) -> Iterator[Entry]:  # a folder is always listed whole
         if not self.root.is_dir():
             raise SourceError(f"source {self.name}: folder {self.root} does not exist")
-        return self._walk("", 0)
-
-    def _walk(self, top: str, depth: int) -> Iterator[Entry]:
-        """Everything below the directory ``top`` ("": the folder), ``depth`` levels down."""
-        stack: list[tuple[str, int]] = [(top, depth)]  # (directory, depth): depth first, by name
-        while stack:
-            directory, depth = stack.pop()
-            try:
-                with os.scandir(os.path.join(self.root, directory)) as listing:
-                    found = sorted(listing, key=lambda item: item.name)
-            except OSError as exc:
-                if not directory:  # the folder itself: nothing can be said of what it holds
-                    raise SourceError(
-                        f"source {self.name}: folder {self.root} cannot be listed: {exc.strerror}"
-                    ) from exc
-                yield self._refused(directory, None, f"directory cannot be listed ({exc.strerror})")
-                continue
-            below: list[str] = []
-            for item in found:
-                path = f"{directory}/{item.name}" if directory else item.name
-                entry = self._entry(item, path, depth, below)
-                if entry is not None:
-                    yield entry
-            stack.extend((path, depth + 1) for path in reversed(below))
-
-    def _entry(
-        self, item: os.DirEntry[str] | _Named, path: str, depth: int, below: list[str]
-    ) -> Entry | None:
-        """The entry for one listed name (None for hidden files and directories to walk, which
-        go to ``below``)."""
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            # The registry holds paths as text: this name cannot be stored, nor served.
-            return self._refused(escape(path, 4096), None, "file name is not valid UTF-8")
-        try:
-            st = item.stat(follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                if depth + 1 > MAX_DEPTH:
-                    return self._refused(path, st, f"more than {MAX_DEPTH} directory levels deep: not walked")
-                below.append(path)
-                return None
-            if item.name.startswith("."):
-                return None
-            if stat.S_ISREG(st.st_mode):
-                return Entry(path, st.st_size, st.st_mtime_ns)
-            if not stat.S_ISLNK(st.st_mode):
-                return self._refused(path, st, _not_regular(st.st_mode))
-        except FileNotFoundError:
-            return self._refused(path, None, "vanished while the folder was being listed")
-        except OSError as exc:
-            return self._refused(path, None, f"cannot be read ({exc.strerror})")
-        # A link: listed by what it leads to, if that is a regular file in the folder.
-        try:
-            fd, target = self._open_file(path)
-            os.close(fd)
-        except DicomFileError as exc:
-            return self._refused(path, st, exc.message)
-        except FileNotFoundError:
-            return self._refused(path, st, "a symbolic link to nothing")
-        except OSError as exc:
-            return self._refused(path, st, f"cannot be read ({exc.strerror})")
-        return Entry(path, target.st_size, target.st_mtime_ns)
+        return listing.walk(self.name, self._opener)
 
     # -- watching -----------------------------------------------------------------------------
 
@@ -314,46 +120,16 @@ class FolderSource:
         await watch_folder(self.root, changed, stop)
 
     def scan_paths(self, paths: Collection[str]) -> Iterator[Entry]:
-        """What ``scan`` lists at or under each path: each component on the way is looked at as
-        ``scan`` would list it, so a path below a link, a file or a directory too deep yields that
-        entry (refused) and nothing under it; a directory is walked whole; a path gone, nothing."""
+        """What ``scan`` lists at or under each path (``listing.walk_paths``)."""
         if not self.root.is_dir():
             raise SourceError(f"source {self.name}: folder {self.root} does not exist")
-        listed: set[str] = set()  # entries yielded and directories walked: once each
-        for path in sorted(paths):
-            parts = path.split("/")
-            if not path or any(part in ("", ".", "..") for part in parts):
-                continue  # not a name ``scan`` could list
-            for depth in range(len(parts)):
-                sub = "/".join(parts[: depth + 1])
-                if sub in listed:
-                    break
-                try:
-                    st = os.lstat(os.path.join(self.root, sub))
-                except OSError:
-                    break  # gone (or unreachable): the harvest forgets what it held there
-                below: list[str] = []
-                entry = self._entry(_Named(parts[depth], st), sub, depth, below)
-                if entry is not None:
-                    listed.add(sub)
-                    yield entry
-                    break
-                if not below:
-                    break  # a hidden file: never listed
-                if depth == len(parts) - 1:
-                    listed.add(sub)
-                    yield from self._walk(sub, depth + 1)
-
-    @staticmethod
-    def _refused(path: str, st: os.stat_result | None, reason: str) -> Entry:
-        # The stamp of the entry itself: harvest reads it again only once it changes.
-        return Entry(path, st.st_size if st else 0, st.st_mtime_ns if st else 0, refused=reason)
+        yield from listing.walk_paths(self.name, self._opener, paths)
 
     def read_header(self, entry: Entry) -> tuple[Dataset, PixelInfo | None]:
         if entry.refused is not None:
             raise DicomFileError(entry.refused)
         try:
-            fd, st = self._open_file(entry.path)
+            fd, st = self._opener.open(entry.path)
         except FileNotFoundError:
             raise DicomFileError("vanished before it could be read") from None
         except OSError as exc:
@@ -373,7 +149,7 @@ class FolderSource:
     def _open(self, location: Location | InstanceFile) -> int:
         """A descriptor on ``location``'s file, which is still the file indexed."""
         try:
-            fd, st = self._open_file(location.path)
+            fd, st = self._opener.open(location.path)
         except FileNotFoundError:
             raise NotFound(
                 f"instance {location.SOPInstanceUID} is indexed but its file is gone from source "
@@ -526,15 +302,3 @@ class FolderSource:
     async def aclose(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
-
-
-class _Named:
-    """A name the watcher reported, with its ``lstat``: what ``_entry`` asks of an ``os.DirEntry``."""
-
-    def __init__(self, name: str, st: os.stat_result) -> None:
-        self.name = name
-        self._st = st
-
-    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
-        assert not follow_symlinks  # ``_entry`` looks at the name itself, never through a link
-        return self._st

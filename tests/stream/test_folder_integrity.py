@@ -382,9 +382,9 @@ def test_zero_padding_after_pixel_data_adds_no_element(tmp_path):
 
 
 def test_without_proc_the_walk_alone_opens_and_refuses_the_same(folder, outside, tmp_path, monkeypatch):
-    import gateway.stream.folder as filesystem
+    import gateway.stream.safeopen as safeopen
 
-    monkeypatch.setattr(filesystem, "_HAVE_PROC", False)  # as on a system without /proc
+    monkeypatch.setattr(safeopen, "_HAVE_PROC", False)  # as on a system without /proc
     (folder / "escape.dcm").symlink_to(outside)
     served = Served(folder, tmp_path / "registry.db")
     assert served.stats.indexed == 3 and "leads out of the folder" in served.rejects()["escape.dcm"]
