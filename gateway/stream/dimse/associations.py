@@ -39,6 +39,7 @@ from gateway.stream.dimse.pduguard import guard_association
 __all__ = [
     "AssociationPool",
     "refusal",
+    "retire",
     "QUERIES",
     "VERIFICATION",
     "STUDY_FIND",
@@ -87,6 +88,8 @@ class AssociationPool:
         self._idle: dict[str | None, list[tuple[Association, float]]] = {}
         self._lock = threading.Lock()
         self._reaper: threading.Timer | None = None
+        self._busy = 0  # associations lent out now
+        self._discarded = 0  # associations that came back aborted or retired (never pooled), ever
 
     def ae(self) -> AE:
         ae = AE(ae_title=self.config.calling_ae)
@@ -166,13 +169,18 @@ class AssociationPool:
                 assoc = None
         if assoc is None:
             assoc = self._associate(sop_class)
+        with self._lock:
+            self._busy += 1
         try:
             yield assoc
         finally:
             assoc.gateway_sink["receive"] = None  # type: ignore[attr-defined]
             with self._lock:
+                self._busy -= 1
+                retired = getattr(assoc, "gateway_retired", False)
+                self._discarded += retired or not assoc.is_established
                 idle = self._idle.setdefault(sop_class, [])
-                if assoc.is_established and len(idle) < _POOL:
+                if assoc.is_established and not retired and len(idle) < _POOL:
                     _park(assoc)
                     idle.append((assoc, time.monotonic()))
                     assoc = None  # type: ignore[assignment]
@@ -204,6 +212,16 @@ class AssociationPool:
     def idle_count(self) -> int:
         with self._lock:
             return sum(len(idle) for idle in self._idle.values())
+
+    def busy_count(self) -> int:
+        """Associations lent out now, to an operation under way."""
+        with self._lock:
+            return self._busy
+
+    def discarded_count(self) -> int:
+        """Associations that came back aborted or ``retire``d, so not pooled, since the pool began."""
+        with self._lock:
+            return self._discarded
 
     def close(self) -> None:
         with self._lock:
@@ -253,6 +271,11 @@ def _end(assoc: Association) -> None:
         assoc.release()
     else:
         assoc.abort()
+
+
+def retire(assoc: Association) -> None:
+    """Never pool ``assoc`` again: it is released when given back (or aborted before)."""
+    assoc.gateway_retired = True  # type: ignore[attr-defined]
 
 
 def refusal(assoc: Association) -> str | None:

@@ -5,6 +5,16 @@ pynetdicom is threaded; each retrieval runs in a worker thread and hands every a
 to the async caller through a bounded queue (``asyncio.Queue(2)``): a slow client slows the C-GET
 instead of filling memory.
 
+A consumer that stops reading (a viewer hanging up mid-series, a prefetch past its timeout, the
+async generator closed or cancelled) stops the retrieval at once: its worker stops waiting on the
+queue (it waits in ``_STEP`` steps and looks whether the consumer left), asks the PACS to stop with
+a C-CANCEL (PS3.7 9.3.3.3 for C-GET, 9.3.4.3 for C-MOVE), refuses whatever still comes, and never
+pools that association again: released when the PACS ended the operation with a final response
+within the ``message`` deadline, aborted otherwise (an operation half done leaves the association
+in a state nobody knows). One log line names the source, why, and what became of the association.
+Without this, each abandoned retrieval held a worker thread and a pooled association for up to
+the ``total`` deadline per remaining instance.
+
 Received data must be what was asked for: each instance that comes (C-GET on our association,
 C-MOVE on our Storage SCP) is kept only when its data set's own Study, Series and SOP Instance UIDs
 are those of a retrieval under way, and its C-STORE names the same instance; anything else is
@@ -16,6 +26,7 @@ and how large an instance may be, is ``storescp.MoveListener``'s and ``pduguard.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import logging
 import threading
@@ -26,11 +37,19 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from pynetdicom.association import Association
 
 from gateway.config import SourceConfig
 from gateway.errors import GatewayError, SourceError, SourceTimeout
 from gateway.redact import escape
-from gateway.stream.dimse.associations import QUERIES, STUDY_GET, STUDY_MOVE, AssociationPool, refusal
+from gateway.stream.dimse.associations import (
+    QUERIES,
+    STUDY_GET,
+    STUDY_MOVE,
+    AssociationPool,
+    refusal,
+    retire,
+)
 from gateway.stream.dimse.pduguard import peer_name
 from gateway.stream.dimse.replies import PENDING, Replies
 from gateway.stream.dimse.storescp import MoveListener
@@ -45,6 +64,13 @@ log = logging.getLogger("gateway.dimse")
 # (PS3.4 B.2.3, Table B.2-1).
 _NOT_AUTHORIZED = 0x0124
 _CANNOT_UNDERSTAND = 0xC000
+# An instance of a retrieval whose consumer left: "Refused: Out of Resources" (PS3.4 B.2.3), as
+# the pool answers a C-STORE on an association that expects none: no one would keep it.
+_UNWANTED = 0xA700
+# The Message ID of our C-GET and C-MOVE requests, which a C-CANCEL names (PS3.7 9.3.3.3, 9.3.4.3):
+# one operation at a time per association.
+_MESSAGE_ID = 1
+_STEP = 0.05  # seconds a worker waits on a full queue before it looks again whether the consumer left
 
 Uids = tuple[str, str, "str | list[str]"]  # Study, Series, and one SOP Instance UID or a list
 
@@ -68,18 +94,18 @@ class Retriever:
         self._lock = threading.Lock()
         self._moves: dict[str, _Retrieval] = {}  # C-MOVEs under way, by SOP Instance UID asked for
         self._scp: MoveListener | None = None  # the Storage SCP that receives C-MOVE sub-operations
+        self._running = 0  # worker threads under way
 
     async def aiter_received(self, uids: Uids, sop_class: str | None) -> AsyncIterator[tuple[str, bytes]]:
         """Instances of one C-GET (or C-MOVE) as they arrive: each one asked for, as its SOP
         Instance UID and Part 10 bytes."""
         loop = asyncio.get_running_loop()
         received: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue(2)
-
-        def put(item: tuple[str, bytes] | None) -> None:  # worker thread: blocks while the client is slow
-            asyncio.run_coroutine_threadsafe(received.put(item), loop).result(self.deadlines.total)
-
+        total = self.deadlines.total
+        # Worker thread: waits while the consumer is slow, gives up when it left.
+        retrieval = _Retrieval(uids, lambda item: handoff(loop, received, item, retrieval, total))
         operation = self._c_move if self.config.retrieve == "c-move" else self._c_get
-        job = loop.run_in_executor(self._threads(), operation, _Retrieval(uids, put), sop_class)
+        job = loop.run_in_executor(self._threads(), self._run, operation, retrieval, sop_class)
         try:
             while True:
                 waiter: asyncio.Future[Any] = asyncio.ensure_future(received.get())
@@ -97,18 +123,49 @@ class Retriever:
                 if job in done:
                     job.result()  # raises what the C-GET hit
                     break
+                retrieval.stop(f"no instance came within {self.deadlines.message:g} s")
                 raise SourceTimeout(f"source {self.name}: no instance within {self.deadlines.message:g} s")
             await job
         finally:
             if not job.done():
-                job.cancel()
+                # The consumer left (closed, cancelled, or past a deadline): the worker stops now,
+                # not after waiting ``total`` on each instance still to come.
+                retrieval.stop("the consumer stopped reading")
+                job.add_done_callback(self._left_behind)
+
+    def _left_behind(self, job: asyncio.Future[None]) -> None:
+        """What a retrieval nobody waits for any more ended with: logged by ``_stopped`` already,
+        unless it is not one of ours."""
+        if not job.cancelled() and not isinstance(job.exception(), GatewayError | None):
+            log.error("source %s: a stopped retrieval failed", self.name, exc_info=job.exception())
+
+    def _run(
+        self,
+        operation: Callable[[_Retrieval, str | None], None],
+        retrieval: _Retrieval,
+        sop_class: str | None,
+    ) -> None:
+        with self._lock:
+            self._running += 1
+        try:
+            operation(retrieval, sop_class)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def running(self) -> int:
+        """How many retrievals have a worker thread now."""
+        with self._lock:
+            return self._running
 
     def _c_get(self, retrieval: _Retrieval, sop_class: str | None) -> None:
         with self._associations.acquire(sop_class) as assoc:
 
             def receive(event: Any) -> int:
                 # Whatever is stored on this association during the C-GET is the PACS's answer to it.
-                return self._received(event, lambda _: retrieval)
+                status = self._received(event, lambda _: retrieval)
+                self._stopping(assoc, retrieval, STUDY_GET)  # a C-STORE: the C-GET is under way
+                return status
 
             assoc.gateway_sink["receive"] = receive  # type: ignore[attr-defined]
             query = Dataset()
@@ -117,18 +174,98 @@ class Retriever:
             deadline = time.monotonic() + self.deadlines.total
             final = None
             try:
-                for status, _ in assoc.send_c_get(query, STUDY_GET):
+                for status, _ in assoc.send_c_get(query, STUDY_GET, msg_id=_MESSAGE_ID):
+                    if retrieval.stopped.is_set():
+                        final = self._after_stop(assoc, retrieval, status, STUDY_GET)
+                        if final is not None or not assoc.is_established:
+                            break
+                        continue
                     self._replies.check_deadline(assoc, deadline, "C-GET")
                     if self._replies.status(status, "C-GET", deadline - self.deadlines.total) not in PENDING:
                         final = status
             except GatewayError as exc:
+                if retrieval.stopped.is_set():
+                    self._stopped("C-GET", retrieval, assoc, None, exc)
                 self._refused("C-GET", retrieval, refusal(assoc), exc)
                 raise
+            if retrieval.stopped.is_set():
+                self._stopped("C-GET", retrieval, assoc, final)
             # The PACS sent something else than what was asked: that is the error, whatever the
             # final status says of the sub-operations we refused.
             self._refused("C-GET", retrieval, refusal(assoc))
             self._replies.final(final, "C-GET")
-        retrieval.put(None)
+        if not retrieval.put(None):
+            self._stopped("C-GET", retrieval, None, final)
+
+    def _stopping(self, assoc: Association, retrieval: _Retrieval, model: str) -> None:
+        """Once the consumer left: ask the PACS once to stop the operation (C-CANCEL, PS3.7
+        9.3.3.3 for C-GET, 9.3.4.3 for C-MOVE), and abort the association when it has not ended
+        the operation within the ``message`` deadline since. Called while the operation is under
+        way only (a pending response, a C-STORE): a C-CANCEL for an ended one would be stray."""
+        if not retrieval.stopped.is_set() or not assoc.is_established:
+            return
+        now = time.monotonic()
+        if retrieval.cancelled is None:
+            retrieval.cancelled = now
+            # Even ended by the PACS, a cancelled operation's association is released, not pooled:
+            # a PACS's cancel path is its least tried. Measured with DCMTK's dcmqrscp (3.6.7): after
+            # a cancelled C-GET, C-GETs on its other associations got no answer until this one ended.
+            retire(assoc)
+            try:
+                assoc.send_c_cancel(_MESSAGE_ID, query_model=model)
+            except (RuntimeError, ValueError):  # the association ended meanwhile
+                pass
+        elif now - retrieval.cancelled > self.deadlines.message:
+            retrieval.aborted = True
+            assoc.abort()
+            # Our own abort does not wake pynetdicom's wait for the next message (its DUL does so
+            # on the peer's abort only): wake it, so the worker ends now, not a ``message`` later.
+            assoc.dimse.msg_queue.put((None, None))
+
+    def _after_stop(
+        self, assoc: Association, retrieval: _Retrieval, status: Dataset, model: str
+    ) -> Dataset | None:
+        """A response after the consumer left: the final one (any status: Cancel, FE00, is the
+        expected one), or a pending one, which may call for the C-CANCEL or the abort."""
+        if status and "Status" in status and int(status.Status) not in PENDING:
+            return status
+        self._stopping(assoc, retrieval, model)
+        return None
+
+    def _stopped(
+        self,
+        what: str,
+        retrieval: _Retrieval,
+        assoc: Association | None,
+        final: Dataset | None,
+        cause: Exception | None = None,
+    ) -> None:
+        """Log, in one line, why a retrieval stopped and what became of its association, and end
+        its worker with an error (which only a consumer past ``total`` would still read)."""
+        if assoc is None:
+            outcome = "it had ended"
+        elif final is not None:
+            status = int(final.Status)
+            after = "released" if retrieval.cancelled is not None else "reusable"
+            outcome = f"the PACS ended it with status {status:04X}: association {after}"
+        elif retrieval.aborted:
+            outcome = (
+                f"the PACS did not end it within {self.deadlines.message:g} s of a C-CANCEL: "
+                "association aborted"
+            )
+        else:
+            outcome = "the association ended without a final response: not reused"
+        log.info(
+            "source %s: %s of %s stopped after %d instance(s), %d refused since: %s; %s",
+            self.name,
+            what,
+            retrieval.asked(),
+            retrieval.delivered,
+            retrieval.unwanted,
+            retrieval.why,
+            outcome,
+        )
+        raise SourceTimeout(f"source {self.name}: {what} stopped: {retrieval.why}") from cause
 
     def _c_move(self, retrieval: _Retrieval, sop_class: str | None) -> None:
         """C-MOVE to our own Storage SCP (for PACS without C-GET): the instances arrive on other
@@ -145,11 +282,19 @@ class Retriever:
                 deadline = time.monotonic() + self.deadlines.total
                 final = None
                 try:
-                    for status, _ in assoc.send_c_move(query, self.config.calling_ae, STUDY_MOVE):
+                    moves = assoc.send_c_move(query, self.config.calling_ae, STUDY_MOVE, msg_id=_MESSAGE_ID)
+                    for status, _ in moves:
+                        if retrieval.stopped.is_set():
+                            final = self._after_stop(assoc, retrieval, status, STUDY_MOVE)
+                            if final is not None or not assoc.is_established:
+                                break
+                            continue
                         self._replies.check_deadline(assoc, deadline, "C-MOVE")
                         code = self._replies.status(status, "C-MOVE", deadline - self.deadlines.total)
                         if code not in PENDING:
                             final = status
+                    if retrieval.stopped.is_set():
+                        self._stopped("C-MOVE", retrieval, assoc, final)
                     self._replies.final(final, "C-MOVE")
                 except SourceError as exc:
                     # Refusals alone do not fail a C-MOVE: anyone may have sent them, and the
@@ -162,7 +307,8 @@ class Retriever:
                 for uid in retrieval.instances:
                     if self._moves.get(uid) is retrieval:
                         self._moves.pop(uid)
-        retrieval.put(None)
+        if not retrieval.put(None):
+            self._stopped("C-MOVE", retrieval, None, final)
 
     def _listener(self) -> MoveListener:
         with self._lock:
@@ -189,9 +335,14 @@ class Retriever:
         """The status of a C-STORE that a retrieval brought (pynetdicom's thread): the instance
         goes to the retrieval (``lookup``, by SOP Instance UID) that asked for it, when its data
         set's own UIDs are the ones asked for; anything else is refused, named in the log with its
-        sender, and noted on the retrieval it claimed to answer."""
-        data = bytes(event.encoded_dataset(include_meta=True))
+        sender, and noted on the retrieval it claimed to answer. A retrieval whose consumer left
+        refuses all that still comes for it, unread, and counts it (its one log line says so)."""
         command = str(event.request.AffectedSOPInstanceUID or "")
+        stopped = lookup(command)
+        if stopped is not None and stopped.stopped.is_set():
+            stopped.unwanted += 1
+            return _UNWANTED
+        data = bytes(event.encoded_dataset(include_meta=True))
         own = _own_uids(data)
         sender = peer_name(event.assoc)
         retrieval = lookup(own[2] if own else command) or lookup(command)
@@ -203,8 +354,11 @@ class Retriever:
             problem, status = _mismatch(retrieval, command, own), _NOT_AUTHORIZED
             if retrieval is not None and problem is None:
                 if retrieval.take(own[2]):
-                    retrieval.put((own[2], data))
-                    return 0x0000
+                    if retrieval.put((own[2], data)):
+                        retrieval.delivered += 1
+                        return 0x0000
+                    retrieval.unwanted += 1  # the consumer left while it waited: no one keeps it
+                    return _UNWANTED
                 problem = f"instance {escape(own[2], 70)} came again"
         problem = problem or "not asked for"
         log.warning("source %s: refused an instance from %s: %s", self.name, sender, problem)
@@ -231,16 +385,30 @@ class Retriever:
 
 class _Retrieval:
     """One C-GET or C-MOVE under way: what it asked for, where the instances it accepts go
-    (``put``), and what was refused on its behalf."""
+    (``put``: False when they can no longer go anywhere), what was refused on its behalf, and
+    whether its consumer left (``stopped``, and why)."""
 
-    def __init__(self, uids: Uids, put: Callable[[tuple[str, bytes] | None], None]) -> None:
+    def __init__(self, uids: Uids, put: Callable[[tuple[str, bytes] | None], bool]) -> None:
         self.uids = uids
         self.study, self.series = uids[0], uids[1]
         self.instances = tuple(uids[2]) if isinstance(uids[2], list) else (uids[2],)
         self.put = put
         self.refused: list[str] = []
+        self.stopped = threading.Event()
+        self.why = ""
+        self.cancelled: float | None = None  # when the C-CANCEL was sent (monotonic)
+        self.aborted = False  # the association was aborted: the PACS did not end the operation
+        self.delivered = 0  # instances handed to the consumer
+        self.unwanted = 0  # instances refused because the consumer had left
         self._pending = set(self.instances)
         self._lock = threading.Lock()
+
+    def stop(self, why: str) -> None:
+        """The consumer left: the worker stops waiting, refuses what comes, cancels the operation."""
+        with self._lock:
+            if not self.stopped.is_set():
+                self.why = why
+                self.stopped.set()
 
     def take(self, uid: str) -> bool:
         """Whether ``uid`` is still awaited (then no longer): each instance is accepted once."""
@@ -257,6 +425,40 @@ class _Retrieval:
             else f"{len(self.instances)} instances"
         )
         return f"{which} of study {self.study}, series {self.series}"
+
+
+def handoff(
+    loop: asyncio.AbstractEventLoop,
+    queue: asyncio.Queue[Any],
+    item: Any,
+    retrieval: _Retrieval,
+    total: float,
+) -> bool:
+    """Put ``item`` on the consumer's bounded ``queue`` (from a worker thread), waiting while the
+    consumer is slow, up to ``total`` seconds, in ``_STEP`` steps so that a consumer that left is
+    noticed at once. False, and the retrieval stopped, when nobody takes it: the consumer left
+    (``retrieval.stopped``, or its loop closed) or did not read for ``total`` seconds."""
+    if retrieval.stopped.is_set():
+        return False
+    try:
+        future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+    except RuntimeError:  # the consumer's event loop is closed
+        retrieval.stop("the consumer's event loop closed")
+        return False
+    deadline = time.monotonic() + total
+    while True:
+        try:
+            future.result(_STEP)
+            return True
+        except concurrent.futures.CancelledError:  # the loop cancelled the put: it is shutting down
+            retrieval.stop("the consumer's event loop closed")
+            return False
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                retrieval.stop(f"the consumer read nothing for {total:g} s")
+            if retrieval.stopped.is_set():
+                future.cancel()
+                return False
 
 
 def _mismatch(retrieval: _Retrieval | None, command: str, own: tuple[str, str, str]) -> str | None:
