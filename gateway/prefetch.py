@@ -37,6 +37,7 @@ accessed anything); each prior warmed is one log line naming study UIDs, never t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -243,9 +244,11 @@ class Prefetch:
                 raise SourceError(f"source {warming.source} is gone or retrieves no batch")
             for files in warming.series:
                 with anyio.fail_after(self.config.timeout):
-                    async for data in batch.aiter_instances(list(files)):
-                        received += 1
-                        size += len(data)
+                    # Closed at once on a timeout: the PACS is told to stop (a C-CANCEL).
+                    async with contextlib.aclosing(batch.aiter_instances(list(files))) as instances:
+                        async for data in instances:
+                            received += 1
+                            size += len(data)
         except (GatewayError, TimeoutError) as exc:
             why = exc.message if isinstance(exc, GatewayError) else f"no end within {self.config.timeout:g} s"
             log.warning(

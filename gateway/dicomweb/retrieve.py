@@ -11,6 +11,7 @@ have known sizes, so their responses carry a Content-Length; remote ones are sen
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 from collections.abc import AsyncIterator
@@ -138,13 +139,15 @@ async def retrieve_instances(
                 retrieval, files, syntax = batch
                 _note_source(request, files[0].source)
                 received = 0
-                async for data in retrieval.aiter_instances(files):
-                    received += 1
-                    if syntax == EXPLICIT_LE and _unknown(files[0]):
-                        data = await _as_explicit_little_endian(data, files[0])
-                    yield writer.part_header(len(data), syntax)
-                    yield data
-                    yield writer.part_end
+                # Closed as soon as this body stops (the client hung up): the PACS is told to stop.
+                async with contextlib.aclosing(retrieval.aiter_instances(files)) as instances:
+                    async for data in instances:
+                        received += 1
+                        if syntax == EXPLICIT_LE and _unknown(files[0]):
+                            data = await _as_explicit_little_endian(data, files[0])
+                        yield writer.part_header(len(data), syntax)
+                        yield data
+                        yield writer.part_end
                 if received != len(files):
                     raise SourceError(f"source {files[0].source} sent {received} of {len(files)} instances")
                 index += len(files)

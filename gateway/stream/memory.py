@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import io
 import zlib
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterable, Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -186,7 +186,7 @@ class MemorySource:
         async for chunk in self._chunks(value):
             yield chunk
 
-    async def aiter_instances(self, locations: list[InstanceFile]) -> AsyncIterator[bytes]:
+    async def aiter_instances(self, locations: list[InstanceFile]) -> AsyncGenerator[bytes, None]:
         """Several instances in one retrieval (when made with ``batch=True``)."""
         self.asked.append(("instances", *(location.SOPInstanceUID for location in locations)))
         for location in locations:

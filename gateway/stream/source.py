@@ -32,7 +32,7 @@ given to its constructor; nothing is assigned to a source from outside.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator
 from typing import NamedTuple, Protocol
 
 from pydicom.dataset import Dataset
@@ -62,9 +62,11 @@ class Frame(NamedTuple):
 class BatchRetrieval(Protocol):
     """A source's way of sending many instances at once (``Source.batch``)."""
 
-    def aiter_instances(self, locations: list[InstanceFile]) -> AsyncIterator[bytes]:
+    def aiter_instances(self, locations: list[InstanceFile]) -> AsyncGenerator[bytes, None]:
         """The Part 10 bytes of each instance at ``locations`` (one series of this source), in the
-        order the source sends them; fewer than asked when the source does not send them all."""
+        order the source sends them; fewer than asked when the source does not send them all.
+        A generator: a caller that stops early closes it (``contextlib.aclosing``), and the
+        source stops the retrieval then, not when the garbage collector gets to it."""
         ...
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -180,7 +180,7 @@ class DimseSource:
         while self._cached > _CACHE_BYTES and len(self._cache) > 1:
             self._cached -= len(self._cache.popitem(last=False)[1])
 
-    async def aiter_instances(self, locations: list[InstanceFile]) -> AsyncIterator[bytes]:
+    async def aiter_instances(self, locations: list[InstanceFile]) -> AsyncGenerator[bytes, None]:
         """Several instances of one series with one C-GET (a UID list, PS3.4 C.4.3.2.1), each as
         Part 10 bytes in the order the PACS sends them: a series streams at the PACS's pace
         instead of one request per instance."""
