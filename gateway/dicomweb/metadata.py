@@ -60,7 +60,7 @@ async def _complete_partial(
     """A source that ``learns_on_retrieve`` (a DIMSE PACS, whose search answers hold a few
     attributes) indexes an instance's full header when it is first retrieved. Metadata asked for
     before that: retrieve those instances now (in one retrieval per series where the source can
-    send a batch; pixels dropped once the header is indexed), then answer."""
+    send a batch; the pixels kept only where the source's cache has room to spare), then answer."""
     instances = await anyio.to_thread.run_sync(registry.instance_files, scope)
     runs: dict[tuple[str, str], list[InstanceFile]] = {}
     for alternatives in instances:

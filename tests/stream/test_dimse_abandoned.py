@@ -140,7 +140,8 @@ def locations(series: list[Path]) -> list[InstanceFile]:
                 source="pacs",
                 path=f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}",
                 size=path.stat().st_size,
-                TransferSyntaxUID=str(ds.file_meta.TransferSyntaxUID),
+                mode="remote",
+                TransferSyntaxUID=None,  # as a C-FIND harvest indexes it: not learnt yet
                 SOPInstanceUID=str(ds.SOPInstanceUID),
                 SOPClassUID=str(ds.SOPClassUID),
             )

@@ -104,12 +104,12 @@ class DimseSource:
         return self._threads
 
     async def aiter_instance(self, location: InstanceFile) -> AsyncIterator[bytes]:
-        data = await self._instance(location.path, location.SOPInstanceUID, location.SOPClassUID)
+        data = await self._instance(location)
         for start in range(0, len(data), CHUNK):
             yield data[start : start + CHUNK]
 
     async def open_frame(self, location: Location, index: int) -> Frame:
-        data = await self._instance(location.path, location.SOPInstanceUID, location.SOPClassUID)
+        data = await self._instance(location)
         try:
             frame = await asyncio.get_running_loop().run_in_executor(self._pool(), frame_of, data, index)
         except GatewayError as exc:
@@ -117,7 +117,7 @@ class DimseSource:
         return Frame(frame, None, len(frame))
 
     async def aiter_bulk(self, location: Location, tag_path: str) -> AsyncIterator[bytes]:
-        data = await self._instance(location.path, location.SOPInstanceUID, location.SOPClassUID)
+        data = await self._instance(location)
         try:
             yield await asyncio.get_running_loop().run_in_executor(
                 self._pool(), bulk_value, data, tag_path, location.SOPInstanceUID
@@ -125,9 +125,10 @@ class DimseSource:
         except DicomFileError as exc:
             raise SourceError(f"source {self.name}: {exc.message}") from exc
 
-    async def _instance(self, path: str, uid: str, sop_class: str | None) -> bytes:
+    async def _instance(self, location: Location | InstanceFile) -> bytes:
         """One instance, from the cache, from a retrieval already under way (a viewer asks for
         several frames of an instance at once), or from a new retrieval."""
+        uid = location.SOPInstanceUID
         cached = self._cache.get(uid)
         if cached is not None:
             self._cache.move_to_end(uid)
@@ -135,7 +136,7 @@ class DimseSource:
         pending = self._fetching.get(uid)
         if pending is not None:
             return await asyncio.shield(pending)
-        fetch = asyncio.ensure_future(self._fetch(path, uid, sop_class))
+        fetch = asyncio.ensure_future(self._fetch(location))
         self._fetching[uid] = fetch
         try:
             return await asyncio.shield(fetch)
@@ -145,20 +146,25 @@ class DimseSource:
             else:
                 fetch.add_done_callback(lambda _: self._fetching.pop(uid, None))
 
-    async def _fetch(self, path: str, uid: str, sop_class: str | None) -> bytes:
-        received = [data async for _, data in self._retriever.aiter_received(_uids(path), sop_class)]
+    async def _fetch(self, location: Location | InstanceFile) -> bytes:
+        uid, path = location.SOPInstanceUID, location.path
+        retrieval = self._retriever.aiter_received(_uids(path), location.SOPClassUID)
+        received = [data async for _, data in retrieval]
         if not received:
             raise NotFound(f"source {self.name} sent nothing for instance {uid}")
         data = received[0]  # its UIDs are the ones asked for (``dimse_retrieve``)
-        # The first time an instance comes: its full header completes the index (metadata,
-        # stored syntax, frame count), which C-FIND alone could not give.
-        await self._learn(path, data)
+        await self._learn(location, data)
         self._remember(uid, data)
         return data
 
-    async def _learn(self, path: str, data: bytes) -> None:
-        if self.learn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._pool(), self.learn, path, data)
+    async def _learn(self, location: Location | InstanceFile, data: bytes) -> None:
+        """The first time an instance comes, its full header completes the index (metadata,
+        stored syntax, frame count), which C-FIND alone could not give. Only then: an instance
+        the index knows the stored syntax of was learnt already (a harvest that finds it changed
+        at the PACS forgets it), and learning it again is a write per instance on the retrieval's
+        path for nothing."""
+        if self.learn is not None and location.TransferSyntaxUID is None:
+            await asyncio.get_running_loop().run_in_executor(self._pool(), self.learn, location.path, data)
 
     def _remember(self, uid: str, data: bytes, spare: bool = False) -> None:
         """Keep a received instance for its other frames, the least recently used going first.
@@ -187,11 +193,11 @@ class DimseSource:
         study, series, _ = _uids(locations[0].path)
         classes = {location.SOPClassUID for location in locations}
         sop_class = classes.pop() if len(classes) == 1 else None
-        paths = {location.SOPInstanceUID: location.path for location in locations}
+        by_uid = {location.SOPInstanceUID: location for location in locations}
         uids: Uids = (study, series, [location.SOPInstanceUID for location in locations])
         log.info("source %s: %d instances of series %s in one retrieval", self.name, len(locations), series)
         async for uid, data in self._retriever.aiter_received(uids, sop_class):
-            await self._learn(paths[uid], data)
+            await self._learn(by_uid[uid], data)
             self._remember(uid, data, spare=True)  # its frames next, at memory speed if room
             yield data
 
