@@ -168,21 +168,10 @@ class Retriever:
                 return status
 
             assoc.gateway_sink["receive"] = receive  # type: ignore[attr-defined]
-            query = Dataset()
-            query.QueryRetrieveLevel = "IMAGE"
-            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = retrieval.uids
-            deadline = time.monotonic() + self.deadlines.total
             final = None
             try:
-                for status, _ in assoc.send_c_get(query, STUDY_GET, msg_id=_MESSAGE_ID):
-                    if retrieval.stopped.is_set():
-                        final = self._after_stop(assoc, retrieval, status, STUDY_GET)
-                        if final is not None or not assoc.is_established:
-                            break
-                        continue
-                    self._replies.check_deadline(assoc, deadline, "C-GET")
-                    if self._replies.status(status, "C-GET", deadline - self.deadlines.total) not in PENDING:
-                        final = status
+                responses = assoc.send_c_get(_query(retrieval), STUDY_GET, msg_id=_MESSAGE_ID)
+                final = self._final(assoc, retrieval, responses, "C-GET", STUDY_GET)
             except GatewayError as exc:
                 if retrieval.stopped.is_set():
                     self._stopped("C-GET", retrieval, assoc, None, exc)
@@ -196,6 +185,25 @@ class Retriever:
             self._replies.final(final, "C-GET")
         if not retrieval.put(None):
             self._stopped("C-GET", retrieval, None, final)
+
+    def _final(
+        self, assoc: Association, retrieval: _Retrieval, responses: Any, what: str, model: str
+    ) -> Dataset | None:
+        """Read a C-GET's or C-MOVE's responses (each within the deadlines) up to its final one,
+        returned (None when the association ended first). Once the consumer left, each response
+        may call for the C-CANCEL or the abort (``_after_stop``) instead."""
+        deadline = time.monotonic() + self.deadlines.total
+        final = None
+        for status, _ in responses:
+            if retrieval.stopped.is_set():
+                final = self._after_stop(assoc, retrieval, status, model)
+                if final is not None or not assoc.is_established:
+                    break
+                continue
+            self._replies.check_deadline(assoc, deadline, what)
+            if self._replies.status(status, what, deadline - self.deadlines.total) not in PENDING:
+                final = status
+        return final
 
     def _stopping(self, assoc: Association, retrieval: _Retrieval, model: str) -> None:
         """Once the consumer left: ask the PACS once to stop the operation (C-CANCEL, PS3.7
@@ -276,23 +284,12 @@ class Retriever:
                 self._moves[uid] = retrieval
         try:
             with self._associations.acquire(QUERIES) as assoc:
-                query = Dataset()
-                query.QueryRetrieveLevel = "IMAGE"
-                query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = retrieval.uids
-                deadline = time.monotonic() + self.deadlines.total
                 final = None
                 try:
-                    moves = assoc.send_c_move(query, self.config.calling_ae, STUDY_MOVE, msg_id=_MESSAGE_ID)
-                    for status, _ in moves:
-                        if retrieval.stopped.is_set():
-                            final = self._after_stop(assoc, retrieval, status, STUDY_MOVE)
-                            if final is not None or not assoc.is_established:
-                                break
-                            continue
-                        self._replies.check_deadline(assoc, deadline, "C-MOVE")
-                        code = self._replies.status(status, "C-MOVE", deadline - self.deadlines.total)
-                        if code not in PENDING:
-                            final = status
+                    moves = assoc.send_c_move(
+                        _query(retrieval), self.config.calling_ae, STUDY_MOVE, msg_id=_MESSAGE_ID
+                    )
+                    final = self._final(assoc, retrieval, moves, "C-MOVE", STUDY_MOVE)
                     if retrieval.stopped.is_set():
                         self._stopped("C-MOVE", retrieval, assoc, final)
                     self._replies.final(final, "C-MOVE")
@@ -459,6 +456,14 @@ def handoff(
             if retrieval.stopped.is_set():
                 future.cancel()
                 return False
+
+
+def _query(retrieval: _Retrieval) -> Dataset:
+    """The identifier of a C-GET or C-MOVE of ``retrieval``'s instances (PS3.4 C.4.2.2.1, C.4.3.2.1)."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = retrieval.uids
+    return query
 
 
 def _mismatch(retrieval: _Retrieval | None, command: str, own: tuple[str, str, str]) -> str | None:
