@@ -5,14 +5,16 @@ that test the folder source, and the token issuers and INS study used against a 
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import email.policy
 import json
 import os
+import socket
 import threading
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,3 +194,26 @@ def study_with_ins(folder: Path, ins: str, seed: int) -> str:
         ds.OtherPatientIDsSequence = Sequence([item])
         ds.save_as(path)
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+@contextlib.contextmanager
+def serving(ae: Any, handlers: list[Any]) -> Iterator[int]:
+    """A pynetdicom ``ae`` serving on a free loopback port with ``handlers``, yielding the port;
+    every connection's socket is closed at the end (pynetdicom leaves one open when its peer
+    aborted)."""
+    from pynetdicom import evt
+
+    sockets: list[socket.socket] = []
+
+    def opened(event: Any) -> None:
+        sockets.append(event.assoc.dul.socket.socket)
+
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[*handlers, (evt.EVT_CONN_OPEN, opened)]
+    )
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        for sock in sockets:
+            sock.close()

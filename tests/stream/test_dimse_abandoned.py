@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from gateway.types import InstanceFile
 from peers.dcmtk import Dcmqrscp, dcmtk_missing, running_dcmqrscp
 from peers.gateway import dimse_source, running_gateway
 from peers.process import free_port
+from tests.helpers import serving
 
 SERIES = 30  # instances in the series retrieved
 READ = 3  # instances the consumer reads before it goes away
@@ -264,19 +264,9 @@ def stubborn_pacs(series: list[Path]) -> Iterator[int]:
                 time.sleep(0.1)
             yield 0xFF00, instances[uid]
 
-    sockets: list[socket.socket] = []
-
-    def opened(event) -> None:
-        sockets.append(event.assoc.dul.socket.socket)
-
-    handlers = [(evt.EVT_C_GET, on_get), (evt.EVT_CONN_OPEN, opened)]
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        for sock in sockets:  # pynetdicom does not close it when the peer aborted
-            sock.close()
+    handlers = [(evt.EVT_C_GET, on_get)]
+    with serving(ae, handlers) as port:
+        yield port
 
 
 @pytest.mark.network

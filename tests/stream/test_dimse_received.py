@@ -40,7 +40,7 @@ from peers.dcmtk import dcmtk_missing, running_dcmqrscp
 from peers.gateway import dimse_source, running_gateway
 from peers.process import free_port
 from tests.conftest import Client, fixture_files
-from tests.helpers import expected_frames
+from tests.helpers import expected_frames, serving
 
 ANY_FRAME = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
 NOT_AUTHORIZED = 0x0124  # the C-STORE status of a refused instance (PS3.7 C.5.21)
@@ -531,19 +531,8 @@ def lying_pacs(original: Dataset, sent: Dataset) -> Iterator[int]:
         yield 1
         yield 0xFF00, sent
 
-    sockets: list[socket.socket] = []
-
-    def opened(event) -> None:
-        sockets.append(event.assoc.dul.socket.socket)
-
-    handlers = [(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get), (evt.EVT_CONN_OPEN, opened)]
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        for sock in sockets:  # pynetdicom does not close it when the peer aborted
-            sock.close()
+    with serving(ae, [(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)]) as port:
+        yield port
 
 
 @contextlib.contextmanager
